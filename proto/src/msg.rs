@@ -1,0 +1,93 @@
+//! Every exchange between `sparsebak` (dom0) and `sparsebak-vm` (the
+//! receiver), as typed messages. dom0 sends [`Request`]s on the receiver's
+//! stdin; the receiver answers with [`Response`]s on its stdout.
+//!
+//! Which requests are answered:
+//! - `Hello` -> `Ready` (or `Error`), always first.
+//! - `ListSessions` -> `Sessions`.
+//! - `BeginSession` -> `Done`; then `PutChunk` / `PutMeta` get no answer (they
+//!   stream), and `Commit` -> `Done` once the session is durable and visible.
+//! - `ReadChunk` -> `Chunk` or `ChunkError` (non-fatal: the stream goes on).
+//!
+//! `Error` is fatal: the receiver sends it and exits. Closing the receiver's
+//! stdin ends the conversation; an uncommitted session is then discarded.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever a message changes shape or meaning.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest archive chunk size (uncompressed) either side accepts.
+pub const MAX_CHUNK_SIZE: u64 = 4 << 20;
+
+/// Largest piece of a metadata file carried by one `PutMeta`.
+pub const META_PIECE: usize = 1 << 20;
+
+/// Where the archive lives on the receiver: `mountpoint/dir`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    /// Must be a mount point on the receiver, or it refuses to write.
+    pub mountpoint: String,
+    /// Relative directory under the mount point.
+    pub dir: String,
+}
+
+/// A volume in the archive: `POOLDIR/NAME`, where POOLDIR is `VG%POOL`
+/// (or `local%NAME` for image-file volumes).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRef {
+    pub pool: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for VolumeRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.pool, self.name)
+    }
+}
+
+/// The per-session metadata files stored beside the chunks.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaFile {
+    Info,
+    Manifest,
+}
+
+impl MetaFile {
+    /// The file's name inside a session folder.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            MetaFile::Info => "info",
+            MetaFile::Manifest => "manifest",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Hello { version: u32, dest: Destination },
+    ListSessions { volume: VolumeRef },
+    /// Opens `S_...-tmp` for writing, discarding any stale one of this volume.
+    BeginSession { volume: VolumeRef, session: String },
+    /// One stored chunk of the open session, already compressed by dom0.
+    PutChunk { addr: u64, data: Vec<u8> },
+    /// Appends a piece (at most [`META_PIECE`] bytes) to a metadata file of
+    /// the open session.
+    PutMeta { file: MetaFile, data: Vec<u8> },
+    /// Makes the open session durable and visible under its final name.
+    Commit,
+    ReadChunk { volume: VolumeRef, session: String, addr: u64 },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Ready { version: u32 },
+    Done,
+    /// Committed session names, sorted.
+    Sessions(Vec<String>),
+    Chunk(Vec<u8>),
+    /// The chunk could not be read (missing, unreadable); the receiver goes on.
+    ChunkError(String),
+    /// Fatal: the receiver stops after sending this.
+    Error(String),
+}

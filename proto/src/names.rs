@@ -1,0 +1,132 @@
+//! Validation of every name that crosses the wire. The receiver builds paths
+//! from these, so anything that could leave the archive root (`/`, `..`,
+//! leading dots or dashes, control characters) is refused here, once.
+
+use anyhow::{bail, Result};
+
+/// Longest volume name accepted (LVM's limit is 127 for the full path).
+pub const MAX_NAME_LEN: usize = 112;
+
+/// Length of `S_YYYYMMDD-HHMMSS`.
+const SESSION_NAME_LEN: usize = 17;
+
+/// A volume or LVM name: `[A-Za-z0-9+_.-]`, not starting with `-` or `.`.
+pub fn validate_volume_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        bail!("invalid volume name {name:?}: must be 1 to {MAX_NAME_LEN} characters");
+    }
+    if name.starts_with('-') || name.starts_with('.') {
+        bail!("invalid volume name {name:?}: must not start with '-' or '.'");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '_' | '.' | '-')))
+    {
+        bail!("invalid volume name {name:?}: character {c:?} is not allowed");
+    }
+    Ok(())
+}
+
+/// A pool folder name `VG%POOL`: two valid names joined by one `%`.
+pub fn validate_pool_dir(pool: &str) -> Result<()> {
+    match pool.split_once('%') {
+        Some((vg, p)) if !p.contains('%') => {
+            validate_volume_name(vg)
+                .and_then(|_| validate_volume_name(p))
+                .map_err(|e| anyhow::anyhow!("invalid pool folder {pool:?}: {e}"))
+        }
+        _ => bail!("invalid pool folder {pool:?}: expected VG%POOL"),
+    }
+}
+
+/// A session folder name: `S_YYYYMMDD-HHMMSS`, digits only.
+pub fn validate_session_name(name: &str) -> Result<()> {
+    let b = name.as_bytes();
+    let ok = b.len() == SESSION_NAME_LEN
+        && name.starts_with("S_")
+        && b[10] == b'-'
+        && b[2..10].iter().chain(&b[11..]).all(u8::is_ascii_digit);
+    if !ok {
+        bail!("invalid session name {name:?}: expected S_YYYYMMDD-HHMMSS");
+    }
+    Ok(())
+}
+
+/// A relative destination directory: plain path components only.
+pub fn validate_dest_dir(dir: &str) -> Result<()> {
+    if dir.is_empty() || dir.starts_with('/') {
+        bail!("invalid destination dir {dir:?}: must be a non-empty relative path");
+    }
+    for part in dir.split('/') {
+        if part.is_empty() || part == "." || part == ".." || part.chars().any(char::is_control) {
+            bail!("invalid destination dir {dir:?}: bad component {part:?}");
+        }
+    }
+    Ok(())
+}
+
+/// An absolute mount point path without `.`/`..` components.
+pub fn validate_mountpoint(path: &str) -> Result<()> {
+    if !path.starts_with('/') {
+        bail!("invalid destination mount point {path:?}: must be absolute");
+    }
+    if path
+        .split('/')
+        .any(|p| p == "." || p == ".." || p.chars().any(char::is_control))
+    {
+        bail!("invalid destination mount point {path:?}: no '.', '..' or control characters");
+    }
+    Ok(())
+}
+
+impl crate::msg::VolumeRef {
+    /// Checks both parts; the receiver calls this before building any path.
+    pub fn validate(&self) -> Result<()> {
+        validate_pool_dir(&self.pool)?;
+        validate_volume_name(&self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names() {
+        for ok in ["vm-untrusted-private", "a", "x+y_z.1", "root"] {
+            assert!(validate_volume_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "..", ".hidden", "-opt", "a/b", "a b", "a\0b", "é", &"x".repeat(113)] {
+            assert!(validate_volume_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pool_dirs() {
+        assert!(validate_pool_dir("qubes_dom0%pool00").is_ok());
+        for bad in ["qubes_dom0", "a%b%c", "%b", "a%", "../x%y", "a%.."] {
+            assert!(validate_pool_dir(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn session_names() {
+        assert!(validate_session_name("S_20261129-083000").is_ok());
+        for bad in ["S_20261129083000", "S_2026112-0830000", "X_20261129-083000", "S_2026112a-083000", "S_20261129-083000-tmp", "../../etc"] {
+            assert!(validate_session_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn destinations() {
+        assert!(validate_dest_dir("backups").is_ok());
+        assert!(validate_dest_dir("a/b").is_ok());
+        for bad in ["", "/abs", "a/../b", "..", "a//b", "./a"] {
+            assert!(validate_dest_dir(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_mountpoint("/mnt/volume").is_ok());
+        for bad in ["mnt", "/mnt/../etc", "/mnt/./x"] {
+            assert!(validate_mountpoint(bad).is_err(), "{bad:?}");
+        }
+    }
+}

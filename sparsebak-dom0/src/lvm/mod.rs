@@ -1,0 +1,1 @@
+//! LVM thin change tracking (see issue 3).

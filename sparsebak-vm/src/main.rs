@@ -1,1 +1,47 @@
-fn main(){}
+//! `sparsebak-vm`: the archive owner. It runs in the backup VM (or as a local
+//! child, or over ssh) and speaks the sparsebak protocol on stdin/stdout.
+#![forbid(unsafe_code)]
+
+mod archive;
+mod mounts;
+mod serve;
+mod session_writer;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "sparsebak-vm", version, about = "sparsebak archive receiver")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve one sparsebak agent on stdin/stdout until it closes stdin.
+    Serve,
+    /// Print the version and protocol version.
+    Version,
+}
+
+/// Exit status for failures. qrexec reserves 125-127, so never use those.
+const EXIT_FAILURE: i32 = 1;
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve => serve::serve_stdio(),
+        Command::Version => {
+            println!(
+                "sparsebak-vm {} (protocol {})",
+                env!("CARGO_PKG_VERSION"),
+                sparsebak_proto::PROTOCOL_VERSION
+            );
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("sparsebak-vm: {e:#}");
+        std::process::exit(EXIT_FAILURE);
+    }
+}

@@ -1,0 +1,129 @@
+//! Writing one session: chunks and metadata go into `S_...-tmp`; `commit`
+//! makes everything durable (one `syncfs` instead of thousands of fsyncs),
+//! then renames the folder to its final name and syncs the parent, so a
+//! session is either complete and visible or absent. A writer dropped without
+//! commit removes its folder; a folder left by a killed receiver is removed by
+//! the next `begin` of the same volume.
+
+use crate::archive::{chunk_path, Archive, TMP_SUFFIX};
+use anyhow::{bail, Context, Result};
+use sparsebak_proto::{MetaFile, VolumeRef};
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+pub struct SessionWriter {
+    tmp_dir: PathBuf,
+    final_dir: PathBuf,
+    /// Chunk sub-folders already created (by their 9-digit prefix path).
+    made_dirs: HashSet<PathBuf>,
+    info: Option<File>,
+    manifest: Option<File>,
+    committed: bool,
+}
+
+impl SessionWriter {
+    pub fn begin(archive: &Archive, volume: &VolumeRef, session: &str) -> Result<SessionWriter> {
+        let final_dir = archive.session_dir(volume, session)?;
+        let vol_dir = archive.volume_dir(volume)?;
+        fs::create_dir_all(&vol_dir).with_context(|| format!("creating {}", vol_dir.display()))?;
+        if final_dir.exists() {
+            bail!("session {session} of {volume} already exists in the archive");
+        }
+        remove_stale_tmp(&vol_dir)?;
+        let tmp_dir = with_suffix(&final_dir, TMP_SUFFIX);
+        fs::create_dir(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
+        Ok(SessionWriter {
+            tmp_dir,
+            final_dir,
+            made_dirs: HashSet::new(),
+            info: None,
+            manifest: None,
+            committed: false,
+        })
+    }
+
+    pub fn put_chunk(&mut self, addr: u64, data: &[u8]) -> Result<()> {
+        let path = chunk_path(&self.tmp_dir, addr);
+        if let Some(parent) = path.parent() {
+            if !self.made_dirs.contains(parent) {
+                fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+                self.made_dirs.insert(parent.to_path_buf());
+            }
+        }
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating chunk {addr:#018x} at {}", path.display()))?;
+        f.write_all(data)
+            .with_context(|| format!("writing chunk {addr:#018x} at {}", path.display()))
+    }
+
+    pub fn put_meta(&mut self, file: MetaFile, data: &[u8]) -> Result<()> {
+        let slot = match file {
+            MetaFile::Info => &mut self.info,
+            MetaFile::Manifest => &mut self.manifest,
+        };
+        if slot.is_none() {
+            let path = self.tmp_dir.join(file.file_name());
+            *slot = Some(File::create(&path).with_context(|| format!("creating {}", path.display()))?);
+        }
+        let f = slot.as_mut().context("metadata file not open")?;
+        f.write_all(data)
+            .with_context(|| format!("writing {} of {}", file.file_name(), self.tmp_dir.display()))
+    }
+
+    /// Durable, then visible. Refuses a session without info and manifest.
+    pub fn commit(mut self) -> Result<()> {
+        if self.info.is_none() || self.manifest.is_none() {
+            bail!("refusing to commit {}: info or manifest missing", self.tmp_dir.display());
+        }
+        self.info = None;
+        self.manifest = None;
+        let dir = File::open(&self.tmp_dir).with_context(|| format!("opening {}", self.tmp_dir.display()))?;
+        nix::unistd::syncfs(dir.as_raw_fd())
+            .with_context(|| format!("syncing the filesystem of {}", self.tmp_dir.display()))?;
+        fs::rename(&self.tmp_dir, &self.final_dir)
+            .with_context(|| format!("renaming {} to {}", self.tmp_dir.display(), self.final_dir.display()))?;
+        self.committed = true;
+        let parent = self.final_dir.parent().context("session folder has no parent")?;
+        fsync_dir(parent)
+    }
+}
+
+impl Drop for SessionWriter {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.tmp_dir);
+        }
+    }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Removes `S_...-tmp` folders left by a receiver that was killed mid-send.
+fn remove_stale_tmp(vol_dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(vol_dir).with_context(|| format!("listing {}", vol_dir.display()))? {
+        let entry = entry.with_context(|| format!("listing {}", vol_dir.display()))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("S_") && name.ends_with(TMP_SUFFIX) {
+            fs::remove_dir_all(entry.path())
+                .with_context(|| format!("removing stale {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing folder {}", dir.display()))
+}

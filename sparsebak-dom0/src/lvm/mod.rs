@@ -1,1 +1,11 @@
 //! LVM thin change tracking (see issue 3).
+//!
+//! * [`thin_delta`]: streaming parser of `thin_delta` XML into byte ranges.
+//! * [`deltamap`]: the per-volume bitmap of changed archive chunks
+//!   (`VOL.deltamap`), crash-safe on disk.
+//! * [`commands`]: lvm / dmsetup / thin_delta invocations (argument vectors
+//!   only) and [`commands::scan_changes`], which ties them together.
+// Nothing calls into this module yet; the send/monitor/resync commands will.
+#![allow(dead_code)]
+
+pub mod thin_delta;

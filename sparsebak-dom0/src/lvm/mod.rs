@@ -8,4 +8,5 @@
 // Nothing calls into this module yet; the send/monitor/resync commands will.
 #![allow(dead_code)]
 
+pub mod deltamap;
 pub mod thin_delta;

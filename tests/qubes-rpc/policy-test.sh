@@ -56,8 +56,10 @@ while IFS= read -r line || [ -n "$line" ]; do
         ''|'#'*) continue ;;
     esac
     rules=$((rules + 1))
-    # shellcheck disable=SC2086
-    set -f; set -- $line; set +f
+    set -f
+    # shellcheck disable=SC2086 # split the rule into its fields, no globbing
+    set -- $line
+    set +f
     where="line $lineno ($line)"
     if [ "$#" -lt 5 ]; then
         bad "$where: at least 5 fields (has $#)"
@@ -103,6 +105,7 @@ fi
 # Self-check: the parser above must reject bad rules.
 if [ "${POLICY_TEST_SELFCHECK-}" != no ]; then
     tmpd=$(mktemp -d)
+    # shellcheck disable=SC2016 # literal '$anyvm' (old R4.0 syntax) is meant
     for badrule in \
         'qubes.SparsebakStore * @anyvm @anyvm allow' \
         'qubes.SparsebakStore * @anyvm deny' \

@@ -62,7 +62,7 @@ expect_exec() { # NAME -- the fake must have run as `sparsebak-vm serve`, rc 3
     if [ "$rc" -eq 3 ] && [ -f "$tmp/argv" ] && [ "$(cat "$tmp/argv")" = "$want" ]; then
         ok "$name"
     else
-        bad "$name (rc=$rc, argv=$(cat "$tmp/argv" 2>/dev/null | tr '\n' ' '), stderr=$(cat "$tmp/err"))"
+        bad "$name (rc=$rc, argv=$(tr '\n' ' ' <"$tmp/argv" 2>/dev/null), stderr=$(cat "$tmp/err"))"
     fi
 }
 
@@ -115,6 +115,7 @@ for sh_ in $shells; do
     run_wrapper "$sh_" "$P" QREXEC_SERVICE_ARGUMENT= --
     expect_exec "[$t] empty QREXEC_SERVICE_ARGUMENT: accepted"
 
+    # shellcheck disable=SC2016 # the '$(touch pwned)' argument is literal on purpose
     for a in foo --help -x ../x serve '-' ' ' '$(touch pwned)' 'a;b' "$(printf 'a\nb')"; do
         run_wrapper "$sh_" "$P" -- "$a"
         expect_refused "[$t] argument '$(printf %s "$a" | tr '\n' '?')' refused"

@@ -31,7 +31,9 @@ impl std::fmt::Display for FrameError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FrameError::Truncated => write!(f, "stream ended in the middle of a frame"),
-            FrameError::Oversize(n) => write!(f, "frame of {n} bytes exceeds the {MAX_FRAME}-byte cap"),
+            FrameError::Oversize(n) => {
+                write!(f, "frame of {n} bytes exceeds the {MAX_FRAME}-byte cap")
+            }
             FrameError::Malformed(e) => write!(f, "malformed message: {e}"),
             FrameError::Io(e) => write!(f, "{e}"),
         }
@@ -123,7 +125,10 @@ mod tests {
     #[test]
     fn round_trip_and_clean_eof() {
         let reqs = vec![
-            Request::PutChunk { addr: 0x20000, data: vec![1, 2, 3] },
+            Request::PutChunk {
+                addr: 0x20000,
+                data: vec![1, 2, 3],
+            },
             Request::Commit,
         ];
         let mut buf = Vec::new();
@@ -135,12 +140,17 @@ mod tests {
             let got: Request = read_msg(&mut rd).expect("reads").expect("a message");
             assert_eq!(&got, r);
         }
-        assert!(read_msg::<_, Request>(&mut rd).expect("clean eof").is_none());
+        assert!(read_msg::<_, Request>(&mut rd)
+            .expect("clean eof")
+            .is_none());
     }
 
     #[test]
     fn truncated_length_and_payload_are_errors() {
-        let frame = frame_of(&Request::PutChunk { addr: 7, data: vec![9; 100] });
+        let frame = frame_of(&Request::PutChunk {
+            addr: 7,
+            data: vec![9; 100],
+        });
         for cut in [1, 3, 5, frame.len() - 1] {
             let mut rd = &frame[..cut];
             let err = read_msg::<_, Request>(&mut rd).expect_err("truncated");
@@ -170,19 +180,29 @@ mod tests {
         let len = (frame.len() - LEN_BYTES) as u32;
         frame[..LEN_BYTES].copy_from_slice(&len.to_be_bytes());
         let err = read_msg::<_, Request>(&mut &frame[..]).expect_err("trailing");
-        assert!(matches!(err, FrameError::Malformed(ref m) if m.contains("trailing")), "{err}");
+        assert!(
+            matches!(err, FrameError::Malformed(ref m) if m.contains("trailing")),
+            "{err}"
+        );
     }
 
     #[test]
     fn inner_length_larger_than_frame_is_malformed() {
         // PutChunk whose byte vector claims 1 GiB inside a small frame.
-        let mut payload = frame_of(&Request::PutChunk { addr: 1, data: vec![] })[LEN_BYTES..].to_vec();
+        let mut payload = frame_of(&Request::PutChunk {
+            addr: 1,
+            data: vec![],
+        })[LEN_BYTES..]
+            .to_vec();
         payload.pop(); // drop the zero length
         payload.extend_from_slice(&[252, 0, 0, 0, 64]); // varint u32 = 1 GiB
         let mut bytes = (payload.len() as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(&payload);
         let err = read_msg::<_, Request>(&mut &bytes[..]).expect_err("lying length");
-        assert!(matches!(err, FrameError::Malformed(_) | FrameError::Truncated), "{err}");
+        assert!(
+            matches!(err, FrameError::Malformed(_) | FrameError::Truncated),
+            "{err}"
+        );
     }
 
     proptest! {

@@ -65,23 +65,43 @@ impl MetaFile {
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Hello { version: u32, dest: Destination },
-    ListSessions { volume: VolumeRef },
+    Hello {
+        version: u32,
+        dest: Destination,
+    },
+    ListSessions {
+        volume: VolumeRef,
+    },
     /// Opens `S_...-tmp` for writing, discarding any stale one of this volume.
-    BeginSession { volume: VolumeRef, session: String },
+    BeginSession {
+        volume: VolumeRef,
+        session: String,
+    },
     /// One stored chunk of the open session, already compressed by dom0.
-    PutChunk { addr: u64, data: Vec<u8> },
+    PutChunk {
+        addr: u64,
+        data: Vec<u8>,
+    },
     /// Appends a piece (at most [`META_PIECE`] bytes) to a metadata file of
     /// the open session.
-    PutMeta { file: MetaFile, data: Vec<u8> },
+    PutMeta {
+        file: MetaFile,
+        data: Vec<u8>,
+    },
     /// Makes the open session durable and visible under its final name.
     Commit,
-    ReadChunk { volume: VolumeRef, session: String, addr: u64 },
+    ReadChunk {
+        volume: VolumeRef,
+        session: String,
+        addr: u64,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Response {
-    Ready { version: u32 },
+    Ready {
+        version: u32,
+    },
     Done,
     /// Committed session names, sorted.
     Sessions(Vec<String>),

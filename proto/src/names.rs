@@ -30,11 +30,9 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
 /// A pool folder name `VG%POOL`: two valid names joined by one `%`.
 pub fn validate_pool_dir(pool: &str) -> Result<()> {
     match pool.split_once('%') {
-        Some((vg, p)) if !p.contains('%') => {
-            validate_volume_name(vg)
-                .and_then(|_| validate_volume_name(p))
-                .map_err(|e| anyhow::anyhow!("invalid pool folder {pool:?}: {e}"))
-        }
+        Some((vg, p)) if !p.contains('%') => validate_volume_name(vg)
+            .and_then(|_| validate_volume_name(p))
+            .map_err(|e| anyhow::anyhow!("invalid pool folder {pool:?}: {e}")),
         _ => bail!("invalid pool folder {pool:?}: expected VG%POOL"),
     }
 }
@@ -96,7 +94,17 @@ mod tests {
         for ok in ["vm-untrusted-private", "a", "x+y_z.1", "root"] {
             assert!(validate_volume_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "..", ".hidden", "-opt", "a/b", "a b", "a\0b", "é", &"x".repeat(113)] {
+        for bad in [
+            "",
+            "..",
+            ".hidden",
+            "-opt",
+            "a/b",
+            "a b",
+            "a\0b",
+            "é",
+            &"x".repeat(113),
+        ] {
             assert!(validate_volume_name(bad).is_err(), "{bad:?}");
         }
     }
@@ -112,7 +120,14 @@ mod tests {
     #[test]
     fn session_names() {
         assert!(validate_session_name("S_20261129-083000").is_ok());
-        for bad in ["S_20261129083000", "S_2026112-0830000", "X_20261129-083000", "S_2026112a-083000", "S_20261129-083000-tmp", "../../etc"] {
+        for bad in [
+            "S_20261129083000",
+            "S_2026112-0830000",
+            "X_20261129-083000",
+            "S_2026112a-083000",
+            "S_20261129-083000-tmp",
+            "../../etc",
+        ] {
             assert!(validate_session_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -49,7 +49,8 @@ impl SessionWriter {
         let path = chunk_path(&self.tmp_dir, addr);
         if let Some(parent) = path.parent() {
             if !self.made_dirs.contains(parent) {
-                fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+                fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
                 self.made_dirs.insert(parent.to_path_buf());
             }
         }
@@ -69,7 +70,8 @@ impl SessionWriter {
         };
         if slot.is_none() {
             let path = self.tmp_dir.join(file.file_name());
-            *slot = Some(File::create(&path).with_context(|| format!("creating {}", path.display()))?);
+            *slot =
+                Some(File::create(&path).with_context(|| format!("creating {}", path.display()))?);
         }
         let f = slot.as_mut().context("metadata file not open")?;
         f.write_all(data)
@@ -79,17 +81,29 @@ impl SessionWriter {
     /// Durable, then visible. Refuses a session without info and manifest.
     pub fn commit(mut self) -> Result<()> {
         if self.info.is_none() || self.manifest.is_none() {
-            bail!("refusing to commit {}: info or manifest missing", self.tmp_dir.display());
+            bail!(
+                "refusing to commit {}: info or manifest missing",
+                self.tmp_dir.display()
+            );
         }
         self.info = None;
         self.manifest = None;
-        let dir = File::open(&self.tmp_dir).with_context(|| format!("opening {}", self.tmp_dir.display()))?;
+        let dir = File::open(&self.tmp_dir)
+            .with_context(|| format!("opening {}", self.tmp_dir.display()))?;
         nix::unistd::syncfs(dir.as_raw_fd())
             .with_context(|| format!("syncing the filesystem of {}", self.tmp_dir.display()))?;
-        fs::rename(&self.tmp_dir, &self.final_dir)
-            .with_context(|| format!("renaming {} to {}", self.tmp_dir.display(), self.final_dir.display()))?;
+        fs::rename(&self.tmp_dir, &self.final_dir).with_context(|| {
+            format!(
+                "renaming {} to {}",
+                self.tmp_dir.display(),
+                self.final_dir.display()
+            )
+        })?;
         self.committed = true;
-        let parent = self.final_dir.parent().context("session folder has no parent")?;
+        let parent = self
+            .final_dir
+            .parent()
+            .context("session folder has no parent")?;
         fsync_dir(parent)
     }
 }

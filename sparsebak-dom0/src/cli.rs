@@ -1,0 +1,82 @@
+//! The command line, as in design.md. Options may stand before or after the
+//! command and the volume names (`sparsebak --save-to=x.img receive VOL` and
+//! `sparsebak receive VOL --save-to=x.img` mean the same).
+
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sparsebak",
+    version,
+    about = "Fast incremental backups of disk images and LVM thin volumes"
+)]
+pub struct Cli {
+    /// Configuration file; dom0's metadata lives in its directory.
+    #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+
+    /// Never prompt: overwrite without asking.
+    #[arg(short = 'u', long)]
+    pub unattended: bool,
+
+    /// receive: where to write the restored volume (file or block device).
+    #[arg(long, value_name = "PATH")]
+    pub save_to: Option<PathBuf>,
+
+    /// receive/verify: the session to use, as YYYYMMDD-HHMMSS (default: latest).
+    #[arg(long, value_name = "DT")]
+    pub session: Option<String>,
+
+    /// Print only errors.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// Print more detail.
+    #[arg(short, long)]
+    pub verbose: bool,
+
+    #[arg(value_enum)]
+    pub command: CommandName,
+
+    /// Volumes to work on (default: every enabled volume).
+    #[arg(value_name = "VOLUME")]
+    pub volumes: Vec<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandName {
+    /// Back up changed chunks of the volumes.
+    Send,
+    /// Restore a volume from the archive (--save-to PATH).
+    Receive,
+    /// Check a session of each volume without writing anything.
+    Verify,
+    /// List the sessions of a volume, or all archived volumes.
+    List,
+    /// Print the version.
+    Version,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_before_or_after_command() {
+        let a = Cli::try_parse_from(["sparsebak", "--save-to=x.img", "receive", "vol"])
+            .expect("parses");
+        let b = Cli::try_parse_from(["sparsebak", "receive", "vol", "--save-to=x.img"])
+            .expect("parses");
+        for c in [a, b] {
+            assert_eq!(c.command, CommandName::Receive);
+            assert_eq!(c.volumes, ["vol"]);
+            assert_eq!(c.save_to.as_deref(), Some(std::path::Path::new("x.img")));
+        }
+        let c = Cli::try_parse_from(["sparsebak", "send", "-u", "a", "--config", "/c.ini", "b"])
+            .expect("parses");
+        assert!(c.unattended);
+        assert_eq!(c.volumes, ["a", "b"]);
+        assert!(Cli::try_parse_from(["sparsebak", "explode"]).is_err());
+    }
+}

@@ -1,0 +1,80 @@
+//! One file per command; this file dispatches and holds what they share.
+
+mod list;
+mod restore;
+mod send;
+
+use crate::cli::{Cli, CommandName};
+use crate::config::{Config, SourceKind};
+use crate::session::SessionId;
+use anyhow::{bail, Result};
+use sparsebak_proto::VolumeRef;
+
+/// What every command gets.
+pub struct Ctx<'a> {
+    pub cli: &'a Cli,
+    pub config: Config,
+    pub pool_dir: String,
+}
+
+impl Ctx<'_> {
+    pub fn volume_ref(&self, name: &str) -> VolumeRef {
+        VolumeRef {
+            pool: self.pool_dir.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    /// The `--session` option, parsed.
+    pub fn session_option(&self) -> Result<Option<SessionId>> {
+        self.cli
+            .session
+            .as_deref()
+            .map(SessionId::from_user)
+            .transpose()
+    }
+}
+
+pub fn run(cli: &Cli) -> Result<()> {
+    if cli.command == CommandName::Version {
+        println!(
+            "sparsebak {} (protocol {})",
+            env!("CARGO_PKG_VERSION"),
+            sparsebak_proto::PROTOCOL_VERSION
+        );
+        return Ok(());
+    }
+    let config = Config::load(&cli.config)?;
+    if let SourceKind::Lvm { .. } = config.source {
+        bail!("LVM thin volumes are not supported by this build yet; use [var] localdir");
+    }
+    let pool_dir = config.pool_dir()?;
+    let ctx = Ctx {
+        cli,
+        config,
+        pool_dir,
+    };
+    match cli.command {
+        CommandName::Send => send::run(&ctx),
+        CommandName::Receive => restore::run(&ctx, restore::Mode::Receive),
+        CommandName::Verify => restore::run(&ctx, restore::Mode::Verify),
+        CommandName::List => list::run(&ctx),
+        CommandName::Version => Ok(()),
+    }
+}
+
+/// Human-readable byte count.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,440 @@
+//! `receive VOL --save-to PATH` and `verify [VOL...]`: rebuild a session from
+//! dom0's own manifests (newest session wins per chunk, up to the chosen
+//! session), fetch exactly those chunks from the receiver, and check each
+//! against dom0's hashes before decompressing it. `receive` writes the
+//! result; `verify` only checks.
+//!
+//! Requests are pipelined: a sender thread streams `ReadChunk` requests while
+//! this thread reads the answers and the workers check them, so the pipe
+//! never idles. A regular output file is written beside its destination and
+//! renamed over it only when every chunk checked out, so a failed receive
+//! never leaves a half-restored file behind.
+
+use super::{human_bytes, Ctx};
+use crate::chunk::{self, ChunkFault};
+use crate::manifest::{ChunkState, MergedEntry};
+use crate::metadir::MetaDir;
+use crate::pipeline;
+use crate::session::SessionId;
+use crate::transport::{kind, Receiver, RequestSink, ResponseSource};
+use anyhow::{anyhow, bail, Context, Result};
+use sparsebak_proto::{Request, Response, VolumeRef};
+use std::fs::{File, OpenOptions};
+use std::io::IsTerminal;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, TrySendError};
+use std::time::Instant;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Receive,
+    Verify,
+}
+
+/// Entries in flight between the request sender and the answer reader.
+const IN_FLIGHT: usize = 256;
+/// How many bad chunks are reported one by one before only counting.
+const REPORT_LIMIT: u64 = 20;
+
+pub fn run(ctx: &Ctx, mode: Mode) -> Result<()> {
+    let names = match mode {
+        Mode::Receive => match ctx.cli.volumes.as_slice() {
+            [one] => vec![one.clone()],
+            _ => bail!("receive takes exactly one volume"),
+        },
+        Mode::Verify => ctx.config.select_volumes(&ctx.cli.volumes, false)?,
+    };
+    let output = match mode {
+        Mode::Receive => {
+            let path = ctx
+                .cli
+                .save_to
+                .as_deref()
+                .context("receive needs --save-to PATH")?;
+            Some(prepare_output(path, ctx.cli.unattended)?)
+        }
+        Mode::Verify => None,
+    };
+    let meta = MetaDir::lock(&ctx.config.meta_dir)?;
+    let wanted = ctx.session_option()?;
+    let mut failures = Vec::new();
+    for name in &names {
+        sparsebak_proto::names::validate_volume_name(name)?;
+        let vm = meta.volume(&ctx.pool_dir, name);
+        let sessions = vm.sessions()?;
+        if sessions.is_empty() {
+            bail!(
+                "volume {name:?} has no sessions in {}",
+                ctx.config.meta_dir.display()
+            );
+        }
+        let target = match &wanted {
+            Some(w) => sessions.iter().position(|s| s == w).ok_or_else(|| {
+                anyhow!(
+                    "volume {name:?} has no session {} (see `sparsebak list {name}`)",
+                    w.date_time()
+                )
+            })?,
+            None => sessions.len() - 1,
+        };
+        let upto = sessions[..=target].to_vec();
+        let job = RestoreJob {
+            volume: ctx.volume_ref(name),
+            info: vm.info(&upto[target])?,
+            merged: vm.merged(&upto)?,
+            sessions: upto,
+        };
+        let rx = Receiver::connect(&ctx.config)?;
+        let outcome = restore_volume(rx, job, output.as_ref())?;
+        if let Some(f) = outcome {
+            failures.push(f);
+        }
+    }
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
+    }
+    Ok(())
+}
+
+struct RestoreJob {
+    volume: VolumeRef,
+    info: crate::session::SessionInfo,
+    merged: crate::manifest::ManifestMerge<crate::manifest::ManifestReader>,
+    /// Sessions up to and including the target, oldest first.
+    sessions: Vec<SessionId>,
+}
+
+/// Where `receive` writes.
+struct Output {
+    dest: PathBuf,
+    is_block_device: bool,
+}
+
+fn prepare_output(path: &Path, unattended: bool) -> Result<Output> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("--save-to {}", path.display())),
+    };
+    let is_block_device = meta
+        .as_ref()
+        .is_some_and(|m| m.file_type().is_block_device());
+    if let Some(m) = &meta {
+        if !m.file_type().is_file() && !is_block_device {
+            bail!(
+                "--save-to {} is neither a regular file nor a block device",
+                path.display()
+            );
+        }
+        if !unattended && !confirm(&format!("Overwrite {}? [y/N] ", path.display()))? {
+            bail!(
+                "not overwriting {} (use -u to overwrite without asking)",
+                path.display()
+            );
+        }
+    }
+    Ok(Output {
+        dest: path.to_path_buf(),
+        is_block_device,
+    })
+}
+
+fn confirm(question: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        return Ok(false);
+    }
+    eprint!("{question}");
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .context("reading the answer")?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+/// A file being restored: temp file + rename for regular files, direct
+/// writes for block devices (where zero chunks must be written too).
+struct Sink {
+    file: File,
+    tmp: Option<PathBuf>,
+    dest: PathBuf,
+    zeros: Vec<u8>,
+}
+
+impl Sink {
+    fn open(out: &Output, size: u64, chunk_size: u64) -> Result<Sink> {
+        if out.is_block_device {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&out.dest)
+                .with_context(|| format!("opening {}", out.dest.display()))?;
+            let dev_size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
+                .with_context(|| format!("size of {}", out.dest.display()))?;
+            if dev_size < size {
+                bail!(
+                    "block device {} holds {dev_size} bytes, the volume needs {size}",
+                    out.dest.display()
+                );
+            }
+            return Ok(Sink {
+                file,
+                tmp: None,
+                dest: out.dest.clone(),
+                zeros: vec![0; chunk_size as usize],
+            });
+        }
+        let name = out.dest.file_name().context("--save-to has no file name")?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(".sparsebak-tmp");
+        let tmp = out.dest.with_file_name(tmp_name);
+        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        file.set_len(size)
+            .with_context(|| format!("sizing {}", tmp.display()))?;
+        Ok(Sink {
+            file,
+            tmp: Some(tmp),
+            dest: out.dest.clone(),
+            zeros: Vec::new(),
+        })
+    }
+
+    fn write(&self, addr: u64, data: Option<&[u8]>, len: usize) -> Result<()> {
+        let bytes = match data {
+            Some(d) => d,
+            None if self.tmp.is_some() => return Ok(()), // a hole in a fresh sparse file
+            None => &self.zeros[..len],
+        };
+        let target = self.tmp.as_deref().unwrap_or(&self.dest);
+        self.file
+            .write_all_at(bytes, addr)
+            .with_context(|| format!("writing {} at {addr:#x}", target.display()))
+    }
+
+    fn finish(self) -> Result<()> {
+        let target = self.tmp.as_deref().unwrap_or(&self.dest).to_path_buf();
+        self.file
+            .sync_all()
+            .with_context(|| format!("syncing {}", target.display()))?;
+        if let Some(tmp) = &self.tmp {
+            std::fs::rename(tmp, &self.dest).with_context(|| {
+                format!("renaming {} to {}", tmp.display(), self.dest.display())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn discard(self) {
+        if let Some(tmp) = &self.tmp {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// One chunk on its way through the checking workers.
+struct Fetched {
+    entry: MergedEntry,
+    answer: Option<Result<Vec<u8>, String>>,
+    len: usize,
+}
+
+struct Checked {
+    entry: MergedEntry,
+    len: usize,
+    outcome: Result<Option<Vec<u8>>, String>,
+}
+
+/// Returns `Some(summary)` when chunks failed their checks.
+fn restore_volume(
+    rx: Receiver,
+    job: RestoreJob,
+    output: Option<&Output>,
+) -> Result<Option<String>> {
+    let started = Instant::now();
+    let RestoreJob {
+        volume,
+        info,
+        merged,
+        sessions,
+    } = job;
+    let target = sessions.last().cloned().context("no session")?;
+    let (size, cs) = (info.volume_size, info.chunk_size);
+    let (requests, mut responses, mut process) = rx.split();
+    let (order_tx, order_rx) = sync_channel::<Result<MergedEntry>>(IN_FLIGHT);
+    let sender = {
+        let volume = volume.clone();
+        let sessions = sessions.clone();
+        std::thread::spawn(move || {
+            send_requests(requests, merged, size, &volume, &sessions, order_tx)
+        })
+    };
+    let sink = match output {
+        Some(out) => Some(Sink::open(out, size, cs)?),
+        None => None,
+    };
+
+    let label = format!("{} session {}", volume.name, target.date_time());
+    let mut expected = 0u64;
+    let mut bad = 0u64;
+    let mut total = 0u64;
+    let mut report = |what: String| {
+        bad += 1;
+        if bad <= REPORT_LIMIT {
+            log::error!("{label}: {what}");
+        }
+    };
+    let jobs = order_rx
+        .into_iter()
+        .map(|entry| fetch(entry?, &mut responses, size, cs));
+    let result = pipeline::ordered_map(jobs, pipeline::default_workers(), check, |c: Checked| {
+        total += 1;
+        while expected < c.entry.entry.addr {
+            report(format!(
+                "chunk x{expected:016x}: no manifest entry in dom0's metadata"
+            ));
+            expected += cs;
+        }
+        expected = c.entry.entry.addr + cs;
+        match c.outcome {
+            Ok(data) => match &sink {
+                Some(s) => s.write(c.entry.entry.addr, data.as_deref(), c.len),
+                None => Ok(()),
+            },
+            Err(why) => {
+                report(format!(
+                    "chunk x{:016x} (stored in {}): {why}",
+                    c.entry.entry.addr, sessions[c.entry.session]
+                ));
+                Ok(())
+            }
+        }
+    });
+    if let Err(e) = result {
+        process.kill();
+        if let Some(s) = sink {
+            s.discard();
+        }
+        return Err(e);
+    }
+    while expected < size {
+        report(format!(
+            "chunk x{expected:016x}: no manifest entry in dom0's metadata"
+        ));
+        expected += cs;
+    }
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow!("request sender panicked"));
+    let finished = sent.and_then(|r| r).and_then(|_| process.finish());
+    if let Err(e) = finished {
+        if let Some(s) = sink {
+            s.discard();
+        }
+        return Err(e);
+    }
+    if bad > 0 {
+        if let Some(s) = sink {
+            s.discard();
+        }
+        return Ok(Some(format!(
+            "{label}: {bad} of {} chunks failed their checks",
+            size.div_ceil(cs)
+        )));
+    }
+    let verb = match sink {
+        Some(s) => {
+            s.finish()?;
+            "received"
+        }
+        None => "verified",
+    };
+    let secs = started.elapsed().as_secs_f64();
+    log::info!(
+        "{label}: {verb} {} chunks, {} ({:.1} s, {:.0} MB/s)",
+        total,
+        human_bytes(size),
+        secs,
+        size as f64 / 1e6 / secs.max(1e-9)
+    );
+    Ok(None)
+}
+
+/// The sender thread: one `ReadChunk` per stored chunk, and every entry
+/// (stored or zero) down the order channel so the reader knows what comes.
+fn send_requests(
+    mut requests: RequestSink,
+    merged: impl Iterator<Item = Result<MergedEntry>>,
+    size: u64,
+    volume: &VolumeRef,
+    sessions: &[SessionId],
+    order: std::sync::mpsc::SyncSender<Result<MergedEntry>>,
+) -> Result<()> {
+    for entry in merged {
+        let entry = match entry {
+            Ok(e) if e.entry.addr >= size => continue,
+            Ok(e) => e,
+            Err(e) => {
+                let _ = order.send(Err(anyhow!("{e:#}")));
+                return Err(e);
+            }
+        };
+        if matches!(entry.entry.state, ChunkState::Stored { .. }) {
+            let req = Request::ReadChunk {
+                volume: volume.clone(),
+                session: sessions[entry.session].to_string(),
+                addr: entry.entry.addr,
+            };
+            requests.send(&req)?;
+        }
+        // Flush before we might block, so the receiver always has the
+        // requests for every entry the reader waits on.
+        match order.try_send(Ok(entry)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(item)) => {
+                requests.flush()?;
+                if order.send(item).is_err() {
+                    return Ok(()); // the reader stopped
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => return Ok(()),
+        }
+    }
+    requests.flush()?;
+    Ok(())
+}
+
+/// Reads the answer for one entry (stored chunks only).
+fn fetch(
+    entry: MergedEntry,
+    responses: &mut ResponseSource,
+    size: u64,
+    cs: u64,
+) -> Result<Fetched> {
+    let len = cs.min(size - entry.entry.addr) as usize;
+    let answer = match entry.entry.state {
+        ChunkState::Zero => None,
+        ChunkState::Stored { .. } => Some(match responses.recv()? {
+            Response::Chunk(data) => Ok(data),
+            Response::ChunkError(why) => {
+                Err(format!("missing or unreadable in the archive ({why})"))
+            }
+            other => bail!("unexpected answer to read chunk: {}", kind(&other)),
+        }),
+    };
+    Ok(Fetched { entry, answer, len })
+}
+
+fn check(f: Fetched) -> Result<Checked> {
+    let outcome = match (f.answer, &f.entry.entry.state) {
+        (None, _) => Ok(None),
+        (Some(Err(why)), _) => Err(why),
+        (Some(Ok(data)), state) => chunk::unpack(&data, state, f.len)
+            .map(Some)
+            .map_err(|e: ChunkFault| e.to_string()),
+    };
+    Ok(Checked {
+        entry: f.entry,
+        len: f.len,
+        outcome,
+    })
+}

@@ -1,0 +1,276 @@
+//! `send [VOL...]`: store every chunk that changed since the volume's last
+//! session (all of them for a volume new to the archive) as a new session.
+//!
+//! Order of events, so that a send killed at any point leaves the archive
+//! and dom0 as they were, or with a complete session that the next run
+//! adopts:
+//! 1. dom0 writes its manifest and info under `S_...-tmp` in its metadata;
+//! 2. the receiver writes the chunks and its copies under `S_...-tmp` and
+//!    commits (fsync, rename) when told to;
+//! 3. dom0 renames its own `-tmp` folder. A run that finds a `-tmp` folder
+//!    of its own promotes it if the archive has that session, else drops it.
+//!
+//! A send that finds nothing changed (same size, no changed chunk) creates no
+//! session.
+
+use super::{human_bytes, Ctx};
+use crate::chunk::{self, ChunkJob, Packed, Previous};
+use crate::config::SourceKind;
+use crate::image::ImageVolume;
+use crate::manifest::{
+    ChunkState, ManifestEntry, ManifestMerge, ManifestReader, ManifestWriter, MergedEntry,
+};
+use crate::metadir::{write_file_durably, MetaDir, VolumeMeta};
+use crate::pipeline;
+use crate::session::{SessionFormat, SessionId, SessionInfo};
+use crate::transport::{kind, Receiver};
+use anyhow::{bail, Context, Result};
+use sparsebak_proto::msg::META_PIECE;
+use sparsebak_proto::{MetaFile, Request, Response, VolumeRef};
+use std::io::Read;
+use std::iter::Peekable;
+use std::time::Instant;
+
+pub fn run(ctx: &Ctx) -> Result<()> {
+    let names = ctx.config.select_volumes(&ctx.cli.volumes, true)?;
+    let meta = MetaDir::lock(&ctx.config.meta_dir)?;
+    let mut rx = Receiver::connect(&ctx.config)?;
+    for name in &names {
+        send_volume(ctx, &meta, &mut rx, name).with_context(|| format!("sending {name}"))?;
+    }
+    rx.finish()
+}
+
+/// Counts for the summary line and the info file.
+#[derive(Default)]
+struct Tally {
+    chunks: u64,
+    bytes: u64,
+    zeros: u64,
+}
+
+fn send_volume(ctx: &Ctx, meta: &MetaDir, rx: &mut Receiver, name: &str) -> Result<()> {
+    let started = Instant::now();
+    let vm = meta.volume(&ctx.pool_dir, name);
+    let volume = ctx.volume_ref(name);
+    let archive_sessions = reconcile(&vm, rx, &volume)?;
+    let sessions = vm.sessions()?;
+    let missing: Vec<&SessionId> = sessions
+        .iter()
+        .filter(|s| !archive_sessions.contains(s))
+        .collect();
+    let full = !missing.is_empty();
+    if full {
+        log::warn!(
+            "{name}: the archive lacks {} session(s) that dom0 recorded (first: {}); sending the whole volume",
+            missing.len(),
+            missing[0]
+        );
+    }
+    let latest = sessions.last();
+    let prev_info = latest.map(|s| vm.info(s)).transpose()?;
+    let chunk_size = prev_info
+        .as_ref()
+        .map_or(ctx.config.chunk_size, |i| i.chunk_size);
+
+    let SourceKind::Local { dir } = &ctx.config.source else {
+        bail!("only image-file volumes are supported");
+    };
+    let mut source = ImageVolume::open(&dir.join(name))?;
+    let size = source.size();
+
+    let mut previous = PreviousLookup {
+        merged: match (&prev_info, full) {
+            (Some(_), false) => Some(vm.merged(&sessions)?.peekable()),
+            _ => None,
+        },
+        limit: prev_info.as_ref().map_or(0, |i| i.volume_size),
+    };
+    let newest_known = sessions.iter().chain(archive_sessions.iter()).max();
+    let id = SessionId::next(chrono::Utc::now(), newest_known)?;
+    let tmp = vm.tmp_session_dir(&id);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut manifest = ManifestWriter::create(&tmp.join("manifest"))?;
+    let mut tally = Tally::default();
+    let mut begun = false;
+
+    let cs = chunk_size;
+    let jobs = (0..size.div_ceil(cs)).map(|i| -> Result<ChunkJob> {
+        let addr = i * cs;
+        let len = cs.min(size - addr) as usize;
+        Ok(ChunkJob {
+            addr,
+            data: source.read_chunk(addr, len)?,
+            previous: previous.at(addr)?,
+        })
+    });
+    pipeline::ordered_map(
+        jobs,
+        pipeline::default_workers(),
+        chunk::pack,
+        |(addr, packed)| {
+            let state = match packed {
+                Packed::Unchanged => return Ok(()),
+                Packed::Zero => {
+                    tally.zeros += 1;
+                    ChunkState::Zero
+                }
+                Packed::Stored {
+                    plain,
+                    stored,
+                    data,
+                } => {
+                    begin_once(rx, &mut begun, &volume, &id)?;
+                    tally.chunks += 1;
+                    tally.bytes += data.len() as u64;
+                    rx.send(&Request::PutChunk { addr, data })?;
+                    ChunkState::Stored { plain, stored }
+                }
+            };
+            manifest.push(&ManifestEntry { addr, state })
+        },
+    )?;
+    manifest.finish()?;
+
+    if tally.chunks == 0
+        && tally.zeros == 0
+        && prev_info.as_ref().is_some_and(|i| i.volume_size == size)
+    {
+        vm.discard_unfinished(&id)?;
+        log::info!("{name}: no changes; no session created");
+        return Ok(());
+    }
+    let info = SessionInfo {
+        format: SessionFormat::Folders,
+        chunk_size,
+        volume_size: size,
+        previous: latest.cloned(),
+        chunks: tally.chunks,
+        bytes: tally.bytes,
+        zeros: tally.zeros,
+    };
+    write_file_durably(&tmp.join("info"), info.to_text().as_bytes())?;
+    begin_once(rx, &mut begun, &volume, &id)?;
+    send_meta_file(rx, MetaFile::Manifest, &tmp.join("manifest"))?;
+    send_meta_file(rx, MetaFile::Info, &tmp.join("info"))?;
+    expect_done(rx.call(&Request::Commit)?, "commit")?;
+    vm.promote(&id)?;
+    let secs = started.elapsed().as_secs_f64();
+    log::info!(
+        "{name}: session {} sent: {} chunks changed, {} stored, {} zero chunks, {:.1} s ({:.0} MB/s scanned)",
+        id.date_time(),
+        tally.chunks,
+        human_bytes(tally.bytes),
+        tally.zeros,
+        secs,
+        size as f64 / 1e6 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+fn begin_once(
+    rx: &mut Receiver,
+    begun: &mut bool,
+    volume: &VolumeRef,
+    id: &SessionId,
+) -> Result<()> {
+    if !*begun {
+        let resp = rx.call(&Request::BeginSession {
+            volume: volume.clone(),
+            session: id.to_string(),
+        })?;
+        expect_done(resp, "begin session")?;
+        *begun = true;
+    }
+    Ok(())
+}
+
+fn expect_done(resp: Response, what: &str) -> Result<()> {
+    match resp {
+        Response::Done => Ok(()),
+        other => bail!("unexpected answer to {what}: {}", kind(&other)),
+    }
+}
+
+fn send_meta_file(rx: &mut Receiver, file: MetaFile, path: &std::path::Path) -> Result<()> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut buf = vec![0u8; META_PIECE];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        rx.send(&Request::PutMeta {
+            file,
+            data: buf[..n].to_vec(),
+        })?;
+    }
+}
+
+/// Brings dom0's metadata in line with the archive after an interrupted
+/// send, and returns the archive's committed sessions of the volume.
+fn reconcile(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef) -> Result<Vec<SessionId>> {
+    let listed = match rx.call(&Request::ListSessions {
+        volume: volume.clone(),
+    })? {
+        Response::Sessions(s) => s,
+        other => bail!("unexpected answer to list sessions: {}", kind(&other)),
+    };
+    let archive: Vec<SessionId> = listed
+        .iter()
+        .filter_map(|s| SessionId::parse(s).ok())
+        .collect();
+    for id in vm.unfinished_sessions()? {
+        if archive.contains(&id) && vm.tmp_session_dir(&id).join("info").is_file() {
+            log::warn!("{}: adopting session {id}, committed by the receiver before the last run was interrupted", volume.name);
+            vm.promote(&id)?;
+        } else {
+            vm.discard_unfinished(&id)?;
+        }
+    }
+    let known = vm.sessions()?;
+    for s in archive.iter().filter(|s| !known.contains(s)) {
+        log::warn!(
+            "{}: the archive holds session {s} that dom0 has no record of; it is ignored",
+            volume.name
+        );
+    }
+    Ok(archive)
+}
+
+/// Walks the merged manifest of the last session alongside the scan.
+struct PreviousLookup {
+    merged: Option<Peekable<ManifestMerge<ManifestReader>>>,
+    /// The last session's volume size: anything at or past it is new.
+    limit: u64,
+}
+
+impl PreviousLookup {
+    fn at(&mut self, addr: u64) -> Result<Previous> {
+        let Some(merged) = self.merged.as_mut() else {
+            return Ok(Previous::Absent);
+        };
+        if addr >= self.limit {
+            return Ok(Previous::Absent);
+        }
+        loop {
+            match merged.peek() {
+                Some(Ok(MergedEntry { entry, .. })) if entry.addr < addr => {
+                    merged.next();
+                }
+                Some(Ok(MergedEntry { entry, .. })) if entry.addr == addr => {
+                    return Ok(Previous::Known(entry.state))
+                }
+                Some(Ok(_)) | None => return Ok(Previous::Absent),
+                Some(Err(_)) => {
+                    return match merged.next() {
+                        Some(Err(e)) => Err(e),
+                        _ => Ok(Previous::Absent),
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! The ini configuration (`--config`, default `/sparsebak/sparsebak.ini`).
+//! dom0's metadata lives in the config file's directory.
+//!
+//! Every key is checked: an unknown or missing key is an error naming it, so
+//! a typo never silently turns into a default that backs up the wrong thing.
+
+use anyhow::{anyhow, bail, Context, Result};
+use sparsebak_proto::names;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG: &str = "/sparsebak/sparsebak.ini";
+
+/// Default archive chunk size for volumes new to the archive.
+pub const DEFAULT_CHUNK_SIZE: u64 = 128 * 1024;
+
+/// Keys allowed in `[var]`.
+const VAR_KEYS: &[&str] = &[
+    "vgname",
+    "poolname",
+    "localdir",
+    "destvm",
+    "destmountpoint",
+    "destdir",
+    "chunksize",
+];
+
+/// Where the volumes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    /// LVM thin volumes in `vg/pool`.
+    Lvm { vg: String, pool: String },
+    /// Image files or block devices under a directory.
+    Local { dir: PathBuf },
+}
+
+/// Where the receiver runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestVm {
+    /// `sparsebak-vm serve` as a local child process.
+    Local,
+    /// `ssh [-p PORT] TARGET sparsebak-vm serve`.
+    Ssh { target: String, port: Option<u16> },
+    /// A Qubes VM, through qrexec.
+    Qubes(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    /// dom0 metadata directory: the config file's directory.
+    pub meta_dir: PathBuf,
+    pub source: SourceKind,
+    pub dest_vm: DestVm,
+    pub dest_mountpoint: String,
+    pub dest_dir: String,
+    /// Chunk size for volumes that are new to the archive.
+    pub chunk_size: u64,
+    /// `[volumes]` in file order: (name, enabled).
+    pub volumes: Vec<(String, bool)>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse(path, &text).with_context(|| format!("config {}", path.display()))
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config> {
+        let ini = ini::Ini::load_from_str(text).map_err(|e| anyhow!("{e}"))?;
+        for (section, _) in ini.iter() {
+            match section {
+                None | Some("var") | Some("volumes") => {}
+                Some(other) => bail!("unknown section [{other}]"),
+            }
+        }
+        if let Some((key, _)) = ini.general_section().iter().next() {
+            bail!("key {key:?} must be inside a section ([var] or [volumes])");
+        }
+        let var = ini.section(Some("var")).context("missing section [var]")?;
+        if let Some((key, _)) = var.iter().find(|(k, _)| !VAR_KEYS.contains(k)) {
+            bail!("unknown key {key:?} in [var]");
+        }
+        let get = |key: &str| -> Result<String> {
+            var.get(key)
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("missing key {key:?} in [var]"))
+        };
+
+        let source = match (var.get("localdir"), var.get("vgname"), var.get("poolname")) {
+            (Some(dir), None, None) => SourceKind::Local {
+                dir: PathBuf::from(dir),
+            },
+            (Some(_), _, _) => bail!("[var] localdir cannot be combined with vgname/poolname"),
+            (None, _, _) => {
+                let vg = get("vgname")?;
+                let pool = get("poolname")?;
+                names::validate_volume_name(&vg).context("key \"vgname\"")?;
+                names::validate_volume_name(&pool).context("key \"poolname\"")?;
+                SourceKind::Lvm { vg, pool }
+            }
+        };
+        let dest_vm = parse_dest_vm(&get("destvm")?).context("key \"destvm\"")?;
+        let dest_mountpoint = get("destmountpoint")?;
+        names::validate_mountpoint(&dest_mountpoint).context("key \"destmountpoint\"")?;
+        let dest_dir = get("destdir")?;
+        names::validate_dest_dir(&dest_dir).context("key \"destdir\"")?;
+        let chunk_size = match var.get("chunksize") {
+            None => DEFAULT_CHUNK_SIZE,
+            Some(v) => parse_chunk_size(v).context("key \"chunksize\"")?,
+        };
+
+        let mut volumes = Vec::new();
+        if let Some(vols) = ini.section(Some("volumes")) {
+            for (name, value) in vols.iter() {
+                names::validate_volume_name(name).with_context(|| format!("[volumes] {name}"))?;
+                let enabled = match value {
+                    "enable" | "enabled" => true,
+                    "disable" | "disabled" => false,
+                    other => bail!("[volumes] {name} = {other:?}: expected enable or disable"),
+                };
+                volumes.push((name.to_string(), enabled));
+            }
+        }
+        let meta_dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Ok(Config {
+            path: path.to_path_buf(),
+            meta_dir,
+            source,
+            dest_vm,
+            dest_mountpoint,
+            dest_dir,
+            chunk_size,
+            volumes,
+        })
+    }
+
+    /// The archive's pool folder name: `VG%POOL`, or `local%DIRNAME` for
+    /// image-file volumes (so the same layout serves both).
+    pub fn pool_dir(&self) -> Result<String> {
+        let name = match &self.source {
+            SourceKind::Lvm { vg, pool } => format!("{vg}%{pool}"),
+            SourceKind::Local { dir } => {
+                let base = dir.file_name().and_then(|b| b.to_str()).ok_or_else(|| {
+                    anyhow!("localdir {} has no usable final component", dir.display())
+                })?;
+                format!("local%{base}")
+            }
+        };
+        names::validate_pool_dir(&name)?;
+        Ok(name)
+    }
+
+    /// The volumes a command works on: the named ones (each must be listed,
+    /// and enabled when `need_enabled`), or every enabled one.
+    pub fn select_volumes(&self, named: &[String], need_enabled: bool) -> Result<Vec<String>> {
+        if named.is_empty() {
+            let all: Vec<String> = self
+                .volumes
+                .iter()
+                .filter(|(_, e)| *e)
+                .map(|(n, _)| n.clone())
+                .collect();
+            if all.is_empty() {
+                bail!(
+                    "no volume is enabled in [volumes] of {}",
+                    self.path.display()
+                );
+            }
+            return Ok(all);
+        }
+        for name in named {
+            match self.volumes.iter().find(|(n, _)| n == name) {
+                None => bail!(
+                    "volume {name:?} is not configured in [volumes] of {}",
+                    self.path.display()
+                ),
+                Some((_, false)) if need_enabled => {
+                    bail!(
+                        "volume {name:?} is disabled in [volumes] of {}",
+                        self.path.display()
+                    )
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(named.to_vec())
+    }
+}
+
+fn parse_dest_vm(value: &str) -> Result<DestVm> {
+    if value == "none" {
+        return Ok(DestVm::Local);
+    }
+    if let Some(rest) = value.strip_prefix("ssh://") {
+        let (target, port) = match rest.rsplit_once(':') {
+            Some((t, p)) => (
+                t,
+                Some(
+                    p.parse::<u16>()
+                        .map_err(|_| anyhow!("bad ssh port {p:?}"))?,
+                ),
+            ),
+            None => (rest, None),
+        };
+        let ok = !target.is_empty()
+            && !target.starts_with('-')
+            && target
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "@._-".contains(c));
+        if !ok {
+            bail!("bad ssh destination {target:?}: expected user@host");
+        }
+        return Ok(DestVm::Ssh {
+            target: target.to_string(),
+            port,
+        });
+    }
+    // Qubes VM names: a letter, then letters, digits, '_', '.', '-'; at most 31.
+    let ok = value.len() <= 31
+        && value.starts_with(|c: char| c.is_ascii_alphabetic())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !ok {
+        bail!("{value:?} is not none, ssh://user@host[:port] or a valid Qubes VM name");
+    }
+    Ok(DestVm::Qubes(value.to_string()))
+}
+
+/// Chunk size in bytes, given in bytes or with a K/M suffix; a power of two
+/// from 64 KiB to the protocol's maximum.
+fn parse_chunk_size(v: &str) -> Result<u64> {
+    let v = v.trim();
+    let (num, mult) = match v.chars().last() {
+        Some('K' | 'k') => (&v[..v.len() - 1], 1024),
+        Some('M' | 'm') => (&v[..v.len() - 1], 1024 * 1024),
+        _ => (v, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| anyhow!("{v:?} is not a size"))?;
+    let size = n
+        .checked_mul(mult)
+        .ok_or_else(|| anyhow!("{v:?} is too large"))?;
+    if !size.is_power_of_two()
+        || !(64 * 1024..=sparsebak_proto::msg::MAX_CHUNK_SIZE).contains(&size)
+    {
+        bail!("chunk size {size} must be a power of two from 64K to 4M");
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(Path::new("/sparsebak/sparsebak.ini"), text)
+    }
+
+    const LVM: &str = "[var]\nvgname = qubes_dom0\npoolname = pool00\ndestvm = backup\ndestmountpoint = /mnt/volume\ndestdir = backups\n\n[volumes]\nvm-a-private = enable\nvm-b-private = disable\n";
+
+    #[test]
+    fn parses_design_example() {
+        let c = parse(LVM).expect("valid");
+        assert_eq!(
+            c.source,
+            SourceKind::Lvm {
+                vg: "qubes_dom0".into(),
+                pool: "pool00".into()
+            }
+        );
+        assert_eq!(c.dest_vm, DestVm::Qubes("backup".into()));
+        assert_eq!(c.meta_dir, Path::new("/sparsebak"));
+        assert_eq!(c.pool_dir().expect("pool dir"), "qubes_dom0%pool00");
+        assert_eq!(c.chunk_size, DEFAULT_CHUNK_SIZE);
+        assert_eq!(
+            c.select_volumes(&[], true).expect("enabled"),
+            vec!["vm-a-private"]
+        );
+    }
+
+    fn err_of(text: &str) -> String {
+        format!("{:#}", parse(text).expect_err("must fail"))
+    }
+
+    #[test]
+    fn errors_name_the_key_or_volume() {
+        assert!(err_of(&LVM.replace("destdir", "destdri")).contains("destdri"));
+        assert!(err_of(&LVM.replace("destdir = backups\n", "")).contains("destdir"));
+        assert!(err_of(&LVM.replace("poolname = pool00\n", "")).contains("poolname"));
+        assert!(err_of(&LVM.replace("= disable", "= maybe")).contains("vm-b-private"));
+        assert!(err_of(&LVM.replace("destvm = backup", "destvm = -oProxy")).contains("destvm"));
+        let c = parse(LVM).expect("valid");
+        let e = c
+            .select_volumes(&["vm-b-private".into()], true)
+            .expect_err("disabled");
+        assert!(e.to_string().contains("vm-b-private") && e.to_string().contains("disabled"));
+        let e = c
+            .select_volumes(&["nope".into()], false)
+            .expect_err("unknown");
+        assert!(e.to_string().contains("nope") && e.to_string().contains("not configured"));
+        assert!(c.select_volumes(&["vm-b-private".into()], false).is_ok());
+    }
+
+    #[test]
+    fn dest_vm_forms() {
+        assert_eq!(parse_dest_vm("none").expect("none"), DestVm::Local);
+        assert_eq!(
+            parse_dest_vm("ssh://bak@host.example:2222").expect("ssh"),
+            DestVm::Ssh {
+                target: "bak@host.example".into(),
+                port: Some(2222)
+            }
+        );
+        assert!(parse_dest_vm("ssh://-oProxyCommand=x").is_err());
+        assert!(parse_dest_vm("my vm").is_err());
+    }
+
+    #[test]
+    fn local_dir_and_chunk_size() {
+        let text = "[var]\nlocaldir = /srv/images\ndestvm = none\ndestmountpoint = /mnt\ndestdir = b\nchunksize = 256K\n[volumes]\ndisk.img = enable\n";
+        let c = parse(text).expect("valid");
+        assert_eq!(
+            c.source,
+            SourceKind::Local {
+                dir: "/srv/images".into()
+            }
+        );
+        assert_eq!(c.pool_dir().expect("pool"), "local%images");
+        assert_eq!(c.chunk_size, 256 * 1024);
+        assert!(err_of(&text.replace("256K", "100K")).contains("chunksize"));
+    }
+}

@@ -1,0 +1,215 @@
+//! dom0's own metadata, in the config file's directory:
+//!
+//! ```text
+//! META/.sparsebak.lock                  one sparsebak at a time
+//! META/VG%POOL/VOLUME/S_*/{info,manifest}
+//! META/VG%POOL/VOLUME.deltamap          (LVM volumes)
+//! ```
+//!
+//! A session appears here only after the receiver committed it: it is
+//! written as `S_...-tmp` and renamed, like in the archive. dom0 trusts only
+//! these files, never the receiver's copies.
+
+use crate::manifest::{ManifestMerge, ManifestReader};
+use crate::session::{SessionId, SessionInfo};
+use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+const LOCK_FILE: &str = ".sparsebak.lock";
+pub const TMP_SUFFIX: &str = "-tmp";
+
+/// The locked metadata directory.
+pub struct MetaDir {
+    root: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl MetaDir {
+    /// Takes the lock, or fails at once naming the lock file.
+    pub fn lock(root: &Path) -> Result<MetaDir> {
+        fs::create_dir_all(root)
+            .with_context(|| format!("creating metadata folder {}", root.display()))?;
+        let path = root.join(LOCK_FILE);
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening lock {}", path.display()))?;
+        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                bail!("another sparsebak is running (lock {} is held); try again when it has finished", path.display())
+            }
+            Err((_, e)) => bail!("locking {}: {e}", path.display()),
+        };
+        Ok(MetaDir {
+            root: root.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn volume(&self, pool_dir: &str, name: &str) -> VolumeMeta {
+        VolumeMeta {
+            dir: self.root.join(pool_dir).join(name),
+        }
+    }
+
+    /// Names of volumes that have a folder under `pool_dir`.
+    pub fn volumes_with_metadata(&self, pool_dir: &str) -> Result<Vec<String>> {
+        let dir = self.root.join(pool_dir);
+        let mut names = Vec::new();
+        match fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries {
+                    let e = e.with_context(|| format!("listing {}", dir.display()))?;
+                    if e.path().is_dir() {
+                        if let Some(n) = e.file_name().to_str() {
+                            names.push(n.to_string());
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// One volume's metadata folder.
+pub struct VolumeMeta {
+    dir: PathBuf,
+}
+
+impl VolumeMeta {
+    /// Committed sessions, oldest first.
+    pub fn sessions(&self) -> Result<Vec<SessionId>> {
+        let mut out: Vec<SessionId> = self
+            .session_dirs()?
+            .into_iter()
+            .filter_map(|(id, tmp)| (!tmp).then_some(id))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Sessions left as `-tmp` by a send that did not finish.
+    pub fn unfinished_sessions(&self) -> Result<Vec<SessionId>> {
+        Ok(self
+            .session_dirs()?
+            .into_iter()
+            .filter_map(|(id, tmp)| tmp.then_some(id))
+            .collect())
+    }
+
+    fn session_dirs(&self) -> Result<Vec<(SessionId, bool)>> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", self.dir.display())),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.with_context(|| format!("listing {}", self.dir.display()))?;
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let (base, tmp) = match name.strip_suffix(TMP_SUFFIX) {
+                Some(b) => (b.to_string(), true),
+                None => (name, false),
+            };
+            if let Ok(id) = SessionId::parse(&base) {
+                out.push((id, tmp));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn session_dir(&self, id: &SessionId) -> PathBuf {
+        self.dir.join(id.as_str())
+    }
+
+    pub fn tmp_session_dir(&self, id: &SessionId) -> PathBuf {
+        self.dir.join(format!("{id}{TMP_SUFFIX}"))
+    }
+
+    pub fn info(&self, id: &SessionId) -> Result<SessionInfo> {
+        let path = self.session_dir(id).join("info");
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        SessionInfo::parse(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn manifest_path(&self, id: &SessionId) -> PathBuf {
+        self.session_dir(id).join("manifest")
+    }
+
+    /// The merged view of `sessions` (oldest first): newest entry per address.
+    pub fn merged(&self, sessions: &[SessionId]) -> Result<ManifestMerge<ManifestReader>> {
+        let readers = sessions
+            .iter()
+            .map(|s| ManifestReader::open(&self.manifest_path(s)))
+            .collect::<Result<Vec<_>>>()?;
+        ManifestMerge::new(readers)
+    }
+
+    /// Makes a finished `-tmp` session visible (after the receiver committed it).
+    pub fn promote(&self, id: &SessionId) -> Result<()> {
+        let tmp = self.tmp_session_dir(id);
+        fs::rename(&tmp, self.session_dir(id))
+            .with_context(|| format!("renaming {}", tmp.display()))?;
+        fsync_dir(&self.dir)
+    }
+
+    /// Discards an unfinished `-tmp` session.
+    pub fn discard_unfinished(&self, id: &SessionId) -> Result<()> {
+        let tmp = self.tmp_session_dir(id);
+        fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))
+    }
+}
+
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing folder {}", dir.display()))
+}
+
+/// Writes `data` to `path` durably (temp file, fsync, rename).
+pub fn write_file_durably(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("new");
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().with_context(|| format!("writing {}", path.display()))?;
+    match path.parent() {
+        Some(p) => fsync_dir(p),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_is_refused_with_the_lock_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = MetaDir::lock(dir.path()).expect("first lock");
+        let err = MetaDir::lock(dir.path())
+            .err()
+            .expect("second lock must fail");
+        assert!(
+            err.to_string().contains("another sparsebak is running"),
+            "{err}"
+        );
+        drop(first);
+        assert!(MetaDir::lock(dir.path()).is_ok());
+    }
+}

@@ -1,0 +1,180 @@
+//! Session names and the `info` file that describes a session.
+
+use anyhow::{anyhow, bail, Context, Result};
+use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
+use sparsebak_proto::names;
+
+const NAME_FORMAT: &str = "S_%Y%m%d-%H%M%S";
+
+/// A session name `S_YYYYMMDD-HHMMSS` (UTC). Ordering by name is ordering by time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionId(String);
+
+impl SessionId {
+    pub fn parse(name: &str) -> Result<SessionId> {
+        names::validate_session_name(name)?;
+        NaiveDateTime::parse_from_str(name, NAME_FORMAT)
+            .map_err(|e| anyhow!("invalid session name {name:?}: {e}"))?;
+        Ok(SessionId(name.to_string()))
+    }
+
+    /// Accepts `YYYYMMDD-HHMMSS` (as `list` prints it) or `S_YYYYMMDD-HHMMSS`.
+    pub fn from_user(dt: &str) -> Result<SessionId> {
+        let name = if dt.starts_with("S_") {
+            dt.to_string()
+        } else {
+            format!("S_{dt}")
+        };
+        Self::parse(&name).map_err(|_| anyhow!("invalid session {dt:?}: expected YYYYMMDD-HHMMSS"))
+    }
+
+    /// The name for a new session at `now`, strictly after `latest` (two
+    /// sends in the same second get distinct names).
+    pub fn next(now: DateTime<Utc>, latest: Option<&SessionId>) -> Result<SessionId> {
+        let mut t = now.naive_utc();
+        if let Some(latest) = latest {
+            let last = NaiveDateTime::parse_from_str(&latest.0, NAME_FORMAT)
+                .map_err(|e| anyhow!("session {}: {e}", latest.0))?;
+            if t.and_utc().timestamp() <= last.and_utc().timestamp() {
+                t = last + TimeDelta::seconds(1);
+            }
+        }
+        Ok(SessionId(t.format(NAME_FORMAT).to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `YYYYMMDD-HHMMSS`, as shown to users.
+    pub fn date_time(&self) -> &str {
+        &self.0[2..]
+    }
+}
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Storage format of a session in the archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionFormat {
+    Folders,
+}
+
+/// The `info` file of a session: `key=value` lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub format: SessionFormat,
+    pub chunk_size: u64,
+    pub volume_size: u64,
+    pub previous: Option<SessionId>,
+    /// Chunks stored (non-zero) in this session.
+    pub chunks: u64,
+    /// Bytes stored (compressed) in this session.
+    pub bytes: u64,
+    /// All-zero chunks recorded (not stored) in this session.
+    pub zeros: u64,
+}
+
+impl SessionInfo {
+    pub fn to_text(&self) -> String {
+        let format = match self.format {
+            SessionFormat::Folders => "folders",
+        };
+        let previous = self.previous.as_ref().map_or("none", |p| p.as_str());
+        format!(
+            "format={format}\nchunksize={}\nvolsize={}\nprevious={previous}\nchunks={}\nbytes={}\nzeros={}\n",
+            self.chunk_size, self.volume_size, self.chunks, self.bytes, self.zeros
+        )
+    }
+
+    pub fn parse(text: &str) -> Result<SessionInfo> {
+        let mut kv = std::collections::HashMap::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| anyhow!("bad info line {line:?}"))?;
+            kv.insert(k.trim(), v.trim());
+        }
+        let get = |k: &str| {
+            kv.get(k)
+                .copied()
+                .ok_or_else(|| anyhow!("info lacks {k:?}"))
+        };
+        let num =
+            |k: &str| -> Result<u64> { get(k)?.parse().with_context(|| format!("info {k:?}")) };
+        let format = match get("format")? {
+            "folders" => SessionFormat::Folders,
+            other => bail!("unknown session format {other:?}"),
+        };
+        let previous = match get("previous")? {
+            "none" => None,
+            p => Some(SessionId::parse(p)?),
+        };
+        let chunk_size = num("chunksize")?;
+        if !chunk_size.is_power_of_two() || chunk_size > sparsebak_proto::msg::MAX_CHUNK_SIZE {
+            bail!("bad chunk size {chunk_size} in info");
+        }
+        Ok(SessionInfo {
+            format,
+            chunk_size,
+            volume_size: num("volsize")?,
+            previous,
+            chunks: num("chunks")?,
+            bytes: num("bytes")?,
+            zeros: num("zeros")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn next_is_strictly_increasing() {
+        let now = Utc
+            .with_ymd_and_hms(2026, 11, 29, 8, 30, 0)
+            .single()
+            .expect("valid time");
+        let first = SessionId::next(now, None).expect("name");
+        assert_eq!(first.as_str(), "S_20261129-083000");
+        let second = SessionId::next(now, Some(&first)).expect("name");
+        assert_eq!(second.as_str(), "S_20261129-083001");
+        let later = SessionId::next(now + TimeDelta::seconds(60), Some(&second)).expect("name");
+        assert_eq!(later.as_str(), "S_20261129-083100");
+        assert_eq!(later.date_time(), "20261129-083100");
+    }
+
+    #[test]
+    fn user_forms() {
+        assert_eq!(
+            SessionId::from_user("20261129-083000")
+                .expect("ok")
+                .as_str(),
+            "S_20261129-083000"
+        );
+        assert!(SessionId::from_user("S_20261129-083000").is_ok());
+        assert!(SessionId::from_user("20261399-083000").is_err());
+        assert!(SessionId::from_user("yesterday").is_err());
+    }
+
+    #[test]
+    fn info_round_trip() {
+        let info = SessionInfo {
+            format: SessionFormat::Folders,
+            chunk_size: 131072,
+            volume_size: 12345678,
+            previous: Some(SessionId::parse("S_20261129-083000").expect("ok")),
+            chunks: 3,
+            bytes: 999,
+            zeros: 7,
+        };
+        assert_eq!(SessionInfo::parse(&info.to_text()).expect("parses"), info);
+        assert!(SessionInfo::parse("format=folders\n").is_err());
+    }
+}

@@ -94,11 +94,7 @@ impl DeltaMap {
         if chunk_size == 0 {
             bail!("delta map chunk size must not be 0");
         }
-        Ok(DeltaMap {
-            chunk_size,
-            chunks,
-            bits: vec![0; bytes_for(chunks)?],
-        })
+        Ok(DeltaMap { chunk_size, chunks, bits: vec![0; bytes_for(chunks)?] })
     }
 
     /// An all-clear map covering a volume of `volume_bytes` bytes (the last
@@ -150,8 +146,7 @@ impl DeltaMap {
         let cs = u128::from(self.chunk_size);
         let first = u64::try_from(u128::from(start) / cs)?;
         let last = u64::try_from((end - 1) / cs)?;
-        self.mark_chunks(first, last)
-            .with_context(|| format!("marking bytes {start}+{len} in the delta map"))
+        self.mark_chunks(first, last).with_context(|| format!("marking bytes {start}+{len} in the delta map"))
     }
 
     /// Marks chunks `first..=last`.
@@ -195,7 +190,7 @@ impl DeltaMap {
         let n = bytes_for(chunks)?;
         self.bits.resize(n, 0);
         self.chunks = chunks;
-        if chunks % 8 != 0 {
+        if chunks & 7 != 0 {
             if let Some(b) = self.bits.last_mut() {
                 *b &= 0xff >> (8 - chunks % 8);
             }
@@ -211,16 +206,10 @@ impl DeltaMap {
     /// Indices of the marked chunks, ascending. Skips clear bytes quickly, so
     /// a sparse map of a large volume iterates fast.
     pub fn iter_marked(&self) -> impl Iterator<Item = u64> + '_ {
-        self.bits
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| **b != 0)
-            .flat_map(|(i, b)| {
-                let b = *b;
-                (0..8u64)
-                    .filter(move |k| b & (1 << k) != 0)
-                    .map(move |k| i as u64 * 8 + k)
-            })
+        self.bits.iter().enumerate().filter(|(_, b)| **b != 0).flat_map(|(i, b)| {
+            let b = *b;
+            (0..8u64).filter(move |k| b & (1 << k) != 0).map(move |k| i as u64 * 8 + k)
+        })
     }
 
     /// The serialized form (see the module documentation).
@@ -259,19 +248,12 @@ impl DeltaMap {
         let n = bytes_for(chunks).map_err(|e| e.to_string())?;
         let bits = &body[HEADER_LEN..];
         if bits.len() != n {
-            return Err(format!(
-                "{} bitmap bytes for {chunks} chunks, expected {n}",
-                bits.len()
-            ));
+            return Err(format!("{} bitmap bytes for {chunks} chunks, expected {n}", bits.len()));
         }
-        if chunks % 8 != 0 && bits[n - 1] >> (chunks % 8) != 0 {
+        if chunks & 7 != 0 && bits[n - 1] >> (chunks % 8) != 0 {
             return Err("bits set past the last chunk".into());
         }
-        Ok(DeltaMap {
-            chunk_size,
-            chunks,
-            bits: bits.to_vec(),
-        })
+        Ok(DeltaMap { chunk_size, chunks, bits: bits.to_vec() })
     }
 
     /// Loads and verifies the map at `path`. Missing and damaged maps are
@@ -280,18 +262,13 @@ impl DeltaMap {
     pub fn load(path: &Path) -> std::result::Result<DeltaMap, LoadError> {
         let mut f = match File::open(path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(LoadError::Missing(path.to_owned()))
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(LoadError::Missing(path.to_owned())),
             Err(e) => return Err(LoadError::Io(path.to_owned(), e)),
         };
         // Bounded read: nothing larger than the largest valid map.
         let limit = (HEADER_LEN + SUM_LEN) as u64 + MAX_CHUNKS / 8 + 1;
         let mut data = Vec::new();
-        (&mut f)
-            .take(limit + 1)
-            .read_to_end(&mut data)
-            .map_err(|e| LoadError::Io(path.to_owned(), e))?;
+        (&mut f).take(limit + 1).read_to_end(&mut data).map_err(|e| LoadError::Io(path.to_owned(), e))?;
         if data.len() as u64 > limit {
             return Err(LoadError::Corrupt(path.to_owned(), "file too large".into()));
         }
@@ -301,9 +278,7 @@ impl DeltaMap {
     /// Writes the map to `path` atomically and durably: `PATH.tmp` is written
     /// and fsynced, renamed over `path`, then the directory is fsynced.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let name = path
-            .file_name()
-            .with_context(|| format!("delta map path {} has no file name", path.display()))?;
+        let name = path.file_name().with_context(|| format!("delta map path {} has no file name", path.display()))?;
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
@@ -312,11 +287,7 @@ impl DeltaMap {
         tmp_name.push(".tmp");
         let tmp = dir.join(tmp_name);
         let write = || -> Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
+            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
             f.write_all(&self.to_bytes())?;
             f.sync_all()?;
             Ok(())
@@ -325,11 +296,8 @@ impl DeltaMap {
             let _ = fs::remove_file(&tmp);
             return Err(e.context(format!("writing delta map {}", tmp.display())));
         }
-        fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing directory {}", dir.display()))?;
+        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing directory {}", dir.display()))?;
         Ok(())
     }
 }

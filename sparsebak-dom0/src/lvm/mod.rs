@@ -8,5 +8,9 @@
 // Nothing calls into this module yet; the send/monitor/resync commands will.
 #![allow(dead_code)]
 
+pub mod commands;
 pub mod deltamap;
 pub mod thin_delta;
+
+#[cfg(test)]
+mod vm_tests;

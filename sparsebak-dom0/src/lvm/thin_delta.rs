@@ -112,15 +112,9 @@ enum State {
 /// Reads the named attribute as a decimal u64 (None when absent).
 fn attr_u64(e: &BytesStart<'_>, name: &str) -> Result<Option<u64>> {
     for a in e.attributes() {
-        let a = a.with_context(|| {
-            format!(
-                "bad attribute in <{}>",
-                String::from_utf8_lossy(e.name().as_ref())
-            )
-        })?;
+        let a = a.with_context(|| format!("bad attribute in <{}>", String::from_utf8_lossy(e.name().as_ref())))?;
         if a.key.as_ref() == name.as_bytes() {
-            let text = std::str::from_utf8(&a.value)
-                .map_err(|_| anyhow!("attribute {name} is not UTF-8"))?;
+            let text = std::str::from_utf8(&a.value).map_err(|_| anyhow!("attribute {name} is not UTF-8"))?;
             let v = text
                 .trim()
                 .parse::<u64>()
@@ -132,12 +126,8 @@ fn attr_u64(e: &BytesStart<'_>, name: &str) -> Result<Option<u64>> {
 }
 
 fn need_u64(e: &BytesStart<'_>, name: &str) -> Result<u64> {
-    attr_u64(e, name)?.ok_or_else(|| {
-        anyhow!(
-            "<{}> lacks the {name} attribute",
-            String::from_utf8_lossy(e.name().as_ref())
-        )
-    })
+    attr_u64(e, name)?
+        .ok_or_else(|| anyhow!("<{}> lacks the {name} attribute", String::from_utf8_lossy(e.name().as_ref())))
 }
 
 /// Parses `thin_delta` output from `r`, calling `on_change` for every
@@ -161,9 +151,8 @@ pub fn parse_thin_delta<R: BufRead>(
     let mut sum = DeltaSummary::default();
     loop {
         let pos = reader.buffer_position();
-        let ev = reader
-            .read_event_into(&mut buf)
-            .map_err(|e| anyhow!("malformed thin_delta XML near byte {pos}: {e}"))?;
+        let ev =
+            reader.read_event_into(&mut buf).map_err(|e| anyhow!("malformed thin_delta XML near byte {pos}: {e}"))?;
         let (elem, is_start) = match ev {
             Event::Eof => break,
             Event::Start(e) => (Some(e), true),
@@ -197,30 +186,19 @@ pub fn parse_thin_delta<R: BufRead>(
         };
         let name = e.name();
         let name = name.as_ref();
-        let ctx = || {
-            format!(
-                "thin_delta output: <{}> near byte {pos}",
-                String::from_utf8_lossy(name)
-            )
-        };
+        let ctx = || format!("thin_delta output: <{}> near byte {pos}", String::from_utf8_lossy(name));
         match (state, name) {
             (State::Start, b"superblock") => {
                 let sectors = attr_u64(&e, "data_block_size")
                     .with_context(ctx)?
-                    .ok_or_else(|| {
-                        anyhow!("thin_delta output: <superblock> has no data_block_size")
-                    })?;
+                    .ok_or_else(|| anyhow!("thin_delta output: <superblock> has no data_block_size"))?;
                 if sectors == 0 {
                     bail!("thin_delta output: data_block_size is 0");
                 }
-                sum.block_size = sectors.checked_mul(SECTOR).ok_or_else(|| {
-                    anyhow!("thin_delta output: data_block_size {sectors} sectors overflows")
-                })?;
-                state = if is_start {
-                    State::Superblock
-                } else {
-                    State::Done
-                };
+                sum.block_size = sectors
+                    .checked_mul(SECTOR)
+                    .ok_or_else(|| anyhow!("thin_delta output: data_block_size {sectors} sectors overflows"))?;
+                state = if is_start { State::Superblock } else { State::Done };
             }
             (State::Superblock, b"diff") => {
                 sum.left = attr_u64(&e, "left").with_context(ctx)?;

@@ -68,13 +68,7 @@ fn format_1_x() {
     let m = 1024 * 1024;
     assert_eq!(s.block_size, m);
     assert_eq!((s.left, s.right), (Some(5), Some(9)));
-    assert_eq!(
-        v,
-        vec![
-            r(0, 3 * m, ChangeKind::RightOnly),
-            r(13 * m, m, ChangeKind::Different)
-        ]
-    );
+    assert_eq!(v, vec![r(0, 3 * m, ChangeKind::RightOnly), r(13 * m, m, ChangeKind::Different)]);
 }
 
 #[test]
@@ -135,38 +129,17 @@ fn malformed() {
         ("", "empty"),
         ("   \n", "empty"),
         (r#"<superblock uuid="">"#, "data_block_size"),
-        (
-            r#"<superblock data_block_size="0"></superblock>"#,
-            "data_block_size is 0",
-        ),
-        (
-            r#"<superblock data_block_size="x1"></superblock>"#,
-            "not a non-negative integer",
-        ),
-        (
-            r#"<superblock data_block_size="-128"></superblock>"#,
-            "not a non-negative integer",
-        ),
+        (r#"<superblock data_block_size="0"></superblock>"#, "data_block_size is 0"),
+        (r#"<superblock data_block_size="x1"></superblock>"#, "not a non-negative integer"),
+        (r#"<superblock data_block_size="-128"></superblock>"#, "not a non-negative integer"),
         (
             r#"<superblock data_block_size="128"><diff left="1" right="2"><different begin="3" length="1"/>"#,
             "truncated",
         ),
-        (
-            r#"<superblock data_block_size="128"><diff left="1" right="2"><different begin="3" len"#,
-            "malformed",
-        ),
-        (
-            r#"<superblock data_block_size="128"><diff><different begin="3"/></diff></superblock>"#,
-            "length",
-        ),
-        (
-            r#"<superblock data_block_size="128"><different begin="3" length="1"/></superblock>"#,
-            "unexpected element",
-        ),
-        (
-            r#"<superblock data_block_size="128"><diff></superblock></diff>"#,
-            "superblock",
-        ),
+        (r#"<superblock data_block_size="128"><diff left="1" right="2"><different begin="3" len"#, "malformed"),
+        (r#"<superblock data_block_size="128"><diff><different begin="3"/></diff></superblock>"#, "length"),
+        (r#"<superblock data_block_size="128"><different begin="3" length="1"/></superblock>"#, "unexpected element"),
+        (r#"<superblock data_block_size="128"><diff></superblock></diff>"#, "superblock"),
         (
             r#"<superblock data_block_size="128"><diff><different begin="18446744073709551615" length="1"/></diff></superblock>"#,
             "overflows",
@@ -175,14 +148,8 @@ fn malformed() {
             r#"<superblock data_block_size="128"><diff><different begin="1" length="281474976710656"/></diff></superblock>"#,
             "overflows",
         ),
-        (
-            r#"<superblock data_block_size="36028797018963968"></superblock>"#,
-            "overflows",
-        ),
-        (
-            r#"<superblock data_block_size="128">oops<diff/></superblock>"#,
-            "unexpected text",
-        ),
+        (r#"<superblock data_block_size="36028797018963968"></superblock>"#, "overflows"),
+        (r#"<superblock data_block_size="128">oops<diff/></superblock>"#, "unexpected text"),
         (
             r#"<superblock data_block_size="128"></superblock><superblock data_block_size="128"></superblock>"#,
             "unexpected element",
@@ -226,14 +193,11 @@ fn streams_in_small_pieces() {
     }
     xml.push_str("</diff></superblock>");
     let mut count = 0u64;
-    let s = parse_thin_delta(
-        std::io::BufReader::with_capacity(16, Trickle(xml.as_bytes())),
-        |c| {
-            assert_eq!(c.start, count * 2 * K);
-            count += 1;
-            Ok(())
-        },
-    )
+    let s = parse_thin_delta(std::io::BufReader::with_capacity(16, Trickle(xml.as_bytes())), |c| {
+        assert_eq!(c.start, count * 2 * K);
+        count += 1;
+        Ok(())
+    })
     .expect("parse");
     assert_eq!(count, 10_000);
     assert_eq!(s.changed_bytes, 10_000 * K);
@@ -244,11 +208,7 @@ fn streams_in_small_pieces() {
 /// Finds a thin-provisioning-tools binary (root's PATH has /usr/sbin, a
 /// developer's may not).
 fn tool(name: &str) -> PathBuf {
-    for dir in std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-    {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/sbin"]) {
         let p = Path::new(dir).join(name);
         if p.is_file() {
             return p;
@@ -274,10 +234,7 @@ fn metadata_xml(block_sectors: u64, nr_data_blocks: u64, devs: &[&Mapping]) -> S
             m.len()
         );
         for (t, d) in m.iter() {
-            let _ = writeln!(
-                x,
-                "    <single_mapping origin_block=\"{t}\" data_block=\"{d}\" time=\"0\"/>"
-            );
+            let _ = writeln!(x, "    <single_mapping origin_block=\"{t}\" data_block=\"{d}\" time=\"0\"/>");
         }
         x.push_str("  </device>\n");
     }
@@ -294,28 +251,15 @@ fn real_delta(dir: &Path, xml: &str, left: u32, right: u32) -> String {
     let f = std::fs::File::create(&meta).expect("create meta");
     f.set_len(8 << 20).expect("size meta");
     drop(f);
-    let out = Command::new(tool("thin_restore"))
-        .arg("-i")
-        .arg(&x)
-        .arg("-o")
-        .arg(&meta)
-        .output()
-        .expect("run thin_restore");
-    assert!(
-        out.status.success(),
-        "thin_restore: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        Command::new(tool("thin_restore")).arg("-i").arg(&x).arg("-o").arg(&meta).output().expect("run thin_restore");
+    assert!(out.status.success(), "thin_restore: {}", String::from_utf8_lossy(&out.stderr));
     let out = Command::new(tool("thin_delta"))
         .args(["--snap1", &left.to_string(), "--snap2", &right.to_string()])
         .arg(&meta)
         .output()
         .expect("run thin_delta");
-    assert!(
-        out.status.success(),
-        "thin_delta: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "thin_delta: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
@@ -362,16 +306,7 @@ fn real_thin_delta_exact() {
     // tick (1): blocks 0-3, 10, 20.  tock (2): shares 0-1 and 10 with tick,
     // rewrote 2-3 (new data blocks), dropped 20, gained 30 and 31.
     let left: Mapping = [(0, 0), (1, 1), (2, 2), (3, 3), (10, 10), (20, 20)].into();
-    let right: Mapping = [
-        (0, 0),
-        (1, 1),
-        (2, 50),
-        (3, 51),
-        (10, 10),
-        (30, 30),
-        (31, 31),
-    ]
-    .into();
+    let right: Mapping = [(0, 0), (1, 1), (2, 50), (3, 51), (10, 10), (30, 30), (31, 31)].into();
     let out = real_delta(dir.path(), &metadata_xml(128, 100, &[&left, &right]), 1, 2);
     let (s, v) = parse_all(&out).unwrap_or_else(|e| panic!("{e:#}\n{out}"));
     assert_eq!(s.block_size, K);
@@ -458,10 +393,6 @@ fn real_thin_delta_random() {
         let out = real_delta(dir.path(), &xml, 1, 2);
         let (s, v) = parse_all(&out).unwrap_or_else(|e| panic!("{e:#}\n{out}"));
         assert_eq!(s.block_size, sectors * 512);
-        assert_eq!(
-            blocks_of(&v, s.block_size),
-            model(&left, &right),
-            "round {round}"
-        );
+        assert_eq!(blocks_of(&v, s.block_size), model(&left, &right), "round {round}");
     }
 }

@@ -1,0 +1,187 @@
+//! Tests against real lvm2, device-mapper and thin_delta. They change LVM
+//! state, so they run only when `SPARSEBAK_LVM_TEST_VG` names a scratch
+//! volume group, as `tests/lvm/commands-test.sh` does inside a throwaway VM
+//! (`tests/vm/run-in-vm`). Without it the test returns at once.
+//!
+//! Expected by the script: VG `$SPARSEBAK_LVM_TEST_VG` with two empty thin
+//! pools, `$SPARSEBAK_LVM_TEST_POOL` (64 KiB blocks: smaller than an archive
+//! chunk) and `$SPARSEBAK_LVM_TEST_POOL_BIG` (1 MiB blocks: larger). Names
+//! with hyphens exercise device-mapper name escaping.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::bail;
+
+use super::commands::{scan_changes, ThinPool};
+use super::deltamap::DeltaMap;
+use super::thin_delta::{ChangeKind, ChangedRange};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const CHUNK: u64 = 128 * KIB;
+
+fn sh(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    assert!(out.status.success(), "{prog} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes `len` random bytes at `offset` with dd, bypassing the page cache
+/// so that the data is in the thin device before the next snapshot.
+fn write_at(p: &ThinPool, lv: &str, offset: u64, len: u64) {
+    assert_eq!((offset | len) & 4095, 0, "dd writes whole 4 KiB blocks");
+    let dev = p.dev_path(lv).expect("dev path");
+    sh(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", dev.display()),
+            "bs=4096",
+            &format!("seek={}", offset / 4096),
+            &format!("count={}", len / 4096),
+            "oflag=direct",
+            "conv=notrunc,fsync",
+            "status=none",
+        ],
+    );
+}
+
+fn discard(p: &ThinPool, lv: &str, offset: u64, len: u64) {
+    let dev = p.dev_path(lv).expect("dev path");
+    sh("blkdiscard", &["-o", &offset.to_string(), "-l", &len.to_string(), &dev.display().to_string()]);
+}
+
+/// Scans and returns (per-block kinds, chunks marked in a fresh delta map).
+fn scan(p: &ThinPool, left: &str, right: &str) -> (BTreeMap<u64, ChangeKind>, Vec<u64>, u64) {
+    let t = Instant::now();
+    let mut ranges: Vec<ChangedRange> = Vec::new();
+    let res = p
+        .scan_changes(left, right, |r| {
+            ranges.push(r);
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("scan {left} {right}: {e:#}"));
+    eprintln!(
+        "scan {left} -> {right}: {} ranges, {} bytes, block size {}, {:?}",
+        ranges.len(),
+        res.summary.changed_bytes,
+        res.summary.block_size,
+        t.elapsed()
+    );
+    let bs = res.summary.block_size;
+    let mut blocks = BTreeMap::new();
+    let mut map = DeltaMap::for_volume(CHUNK, res.right.size).expect("map");
+    for r in &ranges {
+        map.mark_bytes(r.start, r.len).expect("mark");
+        for b in r.start / bs..(r.start + r.len) / bs {
+            assert!(blocks.insert(b, r.kind).is_none(), "block {b} twice");
+        }
+    }
+    assert_eq!(map.len(), res.right.size / CHUNK, "map grew past the volume");
+    assert_eq!(p.held_metadata_root().expect("status"), None, "metadata snapshot left reserved");
+    (blocks, map.iter_marked().collect(), bs)
+}
+
+fn kinds(list: &[(std::ops::RangeInclusive<u64>, ChangeKind)]) -> BTreeMap<u64, ChangeKind> {
+    list.iter().flat_map(|(r, k)| r.clone().map(move |b| (b, *k))).collect()
+}
+
+#[test]
+fn thin_pool_in_vm() {
+    let Ok(vg) = std::env::var("SPARSEBAK_LVM_TEST_VG") else {
+        eprintln!("SPARSEBAK_LVM_TEST_VG not set: skipped (see tests/lvm/commands-test.sh)");
+        return;
+    };
+    let pool_name = std::env::var("SPARSEBAK_LVM_TEST_POOL").expect("SPARSEBAK_LVM_TEST_POOL");
+    let big_name = std::env::var("SPARSEBAK_LVM_TEST_POOL_BIG").expect("SPARSEBAK_LVM_TEST_POOL_BIG");
+    let p = ThinPool::new(&vg, &pool_name).expect("pool");
+    p.check().expect("check");
+    let (vol, tick, tock) = ("vm-test-private", "vm-test-private.tick", "vm-test-private.tock");
+    sh("lvm", &["lvcreate", "-q", "-V", "64M", "-T", &format!("{vg}/{pool_name}"), "-n", vol]);
+
+    // State at the last send: 0..1 MiB and 8 MiB..+256 KiB written.
+    write_at(&p, vol, 0, MIB);
+    write_at(&p, vol, 8 * MIB, 256 * KIB);
+    p.create_snapshot(vol, tick).expect("tick");
+
+    // Changes: a rewrite inside old data (CoW), fresh writes (one spanning
+    // several blocks, one at the very end) and a discard of old data.
+    write_at(&p, vol, MIB - 4 * KIB, 4 * KIB); // block 15, chunk 7
+    write_at(&p, vol, 20 * MIB + 68 * KIB, 4 * KIB); // block 321, chunk 160
+    write_at(&p, vol, 30 * MIB + 64 * KIB, 300 * KIB); // blocks 481-485, chunks 240-242
+    write_at(&p, vol, 64 * MIB - 4 * KIB, 4 * KIB); // block 1023, chunk 511
+    discard(&p, vol, 8 * MIB, 256 * KIB); // blocks 128-131, chunks 64-65
+    p.create_snapshot(vol, tock).expect("tock");
+    let tock_info = p.lv(tock).expect("lvs").expect("tock exists");
+    assert!(tock_info.is_active() && tock_info.attr.starts_with("Vr"), "{tock_info:?}");
+
+    let (blocks, chunks, bs) = scan(&p, tick, tock);
+    assert_eq!(bs, 64 * KIB);
+    assert_eq!(
+        blocks,
+        kinds(&[
+            (15..=15, ChangeKind::Different),
+            (128..=131, ChangeKind::LeftOnly),
+            (321..=321, ChangeKind::RightOnly),
+            (481..=485, ChangeKind::RightOnly),
+            (1023..=1023, ChangeKind::RightOnly),
+        ])
+    );
+    assert_eq!(chunks, vec![7, 64, 65, 160, 240, 241, 242, 511]);
+
+    // Rotation: tock becomes tick.
+    let tock_id = tock_info.thin_id;
+    p.replace_lv(tock, tick).expect("rotate");
+    assert!(p.lv(tock).expect("lvs").is_none());
+    assert_eq!(p.lv(tick).expect("lvs").expect("tick").thin_id, tock_id);
+
+    // A metadata snapshot left reserved by a killed run is released.
+    sh("dmsetup", &["message", &p.tpool_dm_name(), "0", "reserve_metadata_snap"]);
+    assert!(p.held_metadata_root().expect("status").is_some());
+    write_at(&p, vol, 40 * MIB, 64 * KIB); // block 640, chunk 320
+    p.create_snapshot(vol, tock).expect("tock 2");
+    let (blocks, chunks, _) = scan(&p, tick, tock);
+    assert_eq!(blocks, kinds(&[(640..=640, ChangeKind::RightOnly)]));
+    assert_eq!(chunks, vec![320]);
+
+    // Failures release the metadata snapshot and name the object.
+    let e = p.scan_changes(tick, tock, |_| bail!("callback refuses")).expect_err("callback error");
+    assert!(format!("{e:#}").contains("callback refuses"), "{e:#}");
+    assert_eq!(p.held_metadata_root().expect("status"), None);
+    let e = scan_changes(&vg, &pool_name, tick, "no-such-lv", |_| Ok(())).expect_err("missing");
+    assert!(format!("{e:#}").contains("no-such-lv"), "{e:#}");
+    let e = p.scan_changes(tick, &big_name, |_| Ok(())).expect_err("pool");
+    assert!(format!("{e:#}").contains("not a thin volume"), "{e:#}");
+    let e = ThinPool::new(&vg, "no-pool").expect("name").check().expect_err("no pool");
+    assert!(format!("{e:#}").contains("not found"), "{e:#}");
+    assert_eq!(p.held_metadata_root().expect("status"), None);
+    p.remove_lv(tock).expect("remove tock");
+
+    // Pool blocks larger than a chunk: one changed 1 MiB block marks 8 chunks.
+    let b = ThinPool::new(&vg, &big_name).expect("pool");
+    let (bvol, btick, btock) = ("big-vol", "big-vol.tick", "big-vol.tock");
+    sh("lvm", &["lvcreate", "-q", "-V", "32M", "-T", &format!("{vg}/{big_name}"), "-n", bvol]);
+    write_at(&b, bvol, 0, 2 * MIB);
+    b.create_snapshot(bvol, btick).expect("tick");
+    write_at(&b, bvol, 4 * KIB, 4 * KIB); // block 0 rewritten
+    write_at(&b, bvol, 5 * MIB + 8 * KIB, 4 * KIB); // block 5 new
+    b.create_snapshot(bvol, btock).expect("tock");
+    let (blocks, chunks, bs) = scan(&b, btick, btock);
+    assert_eq!(bs, MIB);
+    assert_eq!(blocks, kinds(&[(0..=0, ChangeKind::Different), (5..=5, ChangeKind::RightOnly)]));
+    assert_eq!(chunks, (0..8).chain(40..48).collect::<Vec<_>>());
+    b.replace_lv(btock, btick).expect("rotate");
+
+    // Nothing left behind.
+    let lvs = sh("lvm", &["lvs", "--noheadings", "-o", "lv_name", &vg]);
+    assert!(!lvs.contains(".tock"), "{lvs}");
+    assert_eq!(p.held_metadata_root().expect("status"), None);
+    assert_eq!(b.held_metadata_root().expect("status"), None);
+    eprintln!("thin_pool_in_vm: all checks passed");
+}

@@ -7,8 +7,8 @@
 # Needs what tests/vm/setup-vm installs (run that once, as root). Builds the
 # sparsebak-dom0 unit-test binary on the host (the VM is slow TCG emulation),
 # then boots one VM with a blank 2 GiB disk, where tests/lvm/in-vm.sh creates a
-# volume group with two thin pools and runs the test. About 30 s, most of it
-# booting and running lvm under emulation.
+# volume group with two thin pools and runs the test. About 2 minutes on a
+# 2-CPU host: ~10 s boot, then each lvm command takes seconds under emulation.
 #
 # SPARSEBAK_LVM_TEST_BIN=path uses an already built test binary instead.
 set -euo pipefail

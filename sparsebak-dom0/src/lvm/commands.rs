@@ -416,7 +416,9 @@ impl ThinPool {
         right_id: u64,
         on_change: impl FnMut(ChangedRange) -> Result<()>,
     ) -> Result<DeltaSummary> {
-        debug_assert!(std::ptr::eq(snap.pool, self));
+        if snap.pool != self {
+            bail!("metadata snapshot of {}/{} used for {}/{}", snap.pool.vg, snap.pool.pool, self.vg, self.pool);
+        }
         let meta = self.tmeta_path();
         let (l, r) = (left_id.to_string(), right_id.to_string());
         let what = || format!("thin_delta of thin ids {l} and {r} in {}/{} ({})", self.vg, self.pool, meta.display());
@@ -469,6 +471,12 @@ impl ThinPool {
     /// and are thin volumes of this pool, reserves a metadata snapshot
     /// (releasing a stale one), runs thin_delta and releases the snapshot,
     /// also when thin_delta or `on_change` fails.
+    ///
+    /// Ranges are clipped to the size of `right`: when the volume shrank,
+    /// thin_delta reports the cut tail of `left` as `left_only`, but those
+    /// bytes no longer exist, and a delta map sized for `right` must not grow
+    /// from them. Growth needs nothing special: the new tail is reported as
+    /// `right_only` where it was written (unwritten parts read as zeros).
     pub fn scan_changes(
         &self,
         left: &str,
@@ -483,8 +491,16 @@ impl ThinPool {
             bail!("no thin ids for {left}/{right}"); // checked by thin_in
         };
         let snap = self.reserve_metadata_snap()?;
+        let limit = r.size;
+        let mut on_change = on_change;
+        let clipped = |c: ChangedRange| {
+            if c.start >= limit {
+                return Ok(());
+            }
+            on_change(ChangedRange { len: c.len.min(limit - c.start), ..c })
+        };
         let summary = self
-            .thin_delta(&snap, lid, rid, on_change)
+            .thin_delta(&snap, lid, rid, clipped)
             .with_context(|| format!("comparing {}/{left} with {}/{right}", self.vg, self.vg));
         let released = snap.release();
         let summary = summary?;

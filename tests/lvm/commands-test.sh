@@ -20,7 +20,7 @@ if [ -z "$bin" ]; then
   bin=$(cargo test -p sparsebak-dom0 --bin sparsebak --no-run --message-format=json \
         | grep '"test":true' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | head -n1)
 fi
-[ -n "$bin" ] && [ -x "$bin" ] || { echo "commands-test: no test binary (build failed?)" >&2; exit 1; }
+if [ -z "$bin" ] || [ ! -x "$bin" ]; then echo "commands-test: no test binary (build failed?)" >&2; exit 1; fi
 echo "commands-test: running $bin in a VM" >&2
 start=$(date +%s)
 rc=0

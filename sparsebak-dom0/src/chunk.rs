@@ -20,32 +20,28 @@ pub fn is_zero(data: &[u8]) -> bool {
     words.chunks_exact(16).all(|w| w == [0u8; 16]) && tail.iter().all(|&b| b == 0)
 }
 
-/// What the archive currently holds for a chunk address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Previous {
-    /// Nothing (new volume, or beyond the last session's size): must record.
-    Absent,
-    /// The same state as a manifest entry.
-    Known(ChunkState),
-}
-
 /// A chunk read from the source, with what the archive holds for it.
+///
+/// An address with no manifest entry in any session is all zeros: this is
+/// what lets a sparse 1 TiB image cost what its data costs. So a zero chunk
+/// needs an entry only where an older session stored data.
 pub struct ChunkJob {
     pub addr: u64,
     /// `None` when the source knows the range is a hole (all zeros).
     pub data: Option<Vec<u8>>,
-    pub previous: Previous,
+    /// The newest entry for this address in the sessions so far (`None`:
+    /// zero, as far as the archive is concerned).
+    pub previous: Option<ChunkState>,
+    /// Store data even when it matches `previous` (the archive lacks
+    /// sessions that `previous` may come from).
+    pub force_store: bool,
 }
 
 /// The outcome for one chunk.
 pub enum Packed {
     Unchanged,
     Zero,
-    Stored {
-        plain: Hash,
-        stored: Hash,
-        data: Vec<u8>,
-    },
+    Stored { plain: Hash, stored: Hash, data: Vec<u8> },
 }
 
 thread_local! {
@@ -72,27 +68,22 @@ pub fn pack(job: ChunkJob) -> Result<(u64, Packed)> {
         Some(data) if is_zero(&data) => zero_or_unchanged(job.previous),
         Some(data) => {
             let plain = sha256(&data);
-            if matches!(job.previous, Previous::Known(ChunkState::Stored { plain: p, .. }) if p == plain)
-            {
+            let same = matches!(job.previous, Some(ChunkState::Stored { plain: p, .. }) if p == plain);
+            if same && !job.force_store {
                 Packed::Unchanged
             } else {
                 let data = compress(&data)?;
-                Packed::Stored {
-                    plain,
-                    stored: sha256(&data),
-                    data,
-                }
+                Packed::Stored { plain, stored: sha256(&data), data }
             }
         }
     };
     Ok((job.addr, packed))
 }
 
-fn zero_or_unchanged(previous: Previous) -> Packed {
-    if previous == Previous::Known(ChunkState::Zero) {
-        Packed::Unchanged
-    } else {
-        Packed::Zero
+fn zero_or_unchanged(previous: Option<ChunkState>) -> Packed {
+    match previous {
+        Some(ChunkState::Stored { .. }) => Packed::Zero,
+        Some(ChunkState::Zero) | None => Packed::Unchanged,
     }
 }
 
@@ -129,13 +120,9 @@ pub fn unpack(data: &[u8], state: &ChunkState, len: usize) -> Result<Vec<u8>, Ch
     if sha256(data) != *stored {
         return Err(ChunkFault::StoredHashMismatch);
     }
-    let out = zstd::bulk::decompress(data, len)
-        .map_err(|e| ChunkFault::Undecompressable(e.to_string()))?;
+    let out = zstd::bulk::decompress(data, len).map_err(|e| ChunkFault::Undecompressable(e.to_string()))?;
     if out.len() != len {
-        return Err(ChunkFault::WrongLength {
-            got: out.len(),
-            want: len,
-        });
+        return Err(ChunkFault::WrongLength { got: out.len(), want: len });
     }
     if sha256(&out) != *plain {
         return Err(ChunkFault::PlainHashMismatch);
@@ -147,12 +134,8 @@ pub fn unpack(data: &[u8], state: &ChunkState, len: usize) -> Result<Vec<u8>, Ch
 mod tests {
     use super::*;
 
-    fn job(data: Option<Vec<u8>>, previous: Previous) -> ChunkJob {
-        ChunkJob {
-            addr: 0x40000,
-            data,
-            previous,
-        }
+    fn job(data: Option<Vec<u8>>, previous: Option<ChunkState>) -> ChunkJob {
+        ChunkJob { addr: 0x40000, data, previous, force_store: false }
     }
 
     #[test]
@@ -170,77 +153,38 @@ mod tests {
     #[test]
     fn pack_decides_by_previous_state() {
         let data = b"hello sparsebak".repeat(1000);
-        let (addr, p) = pack(job(Some(data.clone()), Previous::Absent)).expect("packs");
+        let (addr, p) = pack(job(Some(data.clone()), None)).expect("packs");
         assert_eq!(addr, 0x40000);
-        let Packed::Stored {
-            plain,
-            stored,
-            data: packed,
-        } = p
-        else {
-            panic!("must store")
-        };
+        let Packed::Stored { plain, stored, data: packed } = p else { panic!("must store") };
         assert!(packed.len() < data.len());
         let state = ChunkState::Stored { plain, stored };
-        assert!(matches!(
-            pack(job(Some(data.clone()), Previous::Known(state)))
-                .expect("packs")
-                .1,
-            Packed::Unchanged
-        ));
-        assert!(matches!(
-            pack(job(None, Previous::Known(state))).expect("packs").1,
-            Packed::Zero
-        ));
-        assert!(matches!(
-            pack(job(None, Previous::Known(ChunkState::Zero)))
-                .expect("packs")
-                .1,
-            Packed::Unchanged
-        ));
-        assert!(matches!(
-            pack(job(Some(vec![0; 10]), Previous::Absent))
-                .expect("packs")
-                .1,
-            Packed::Zero
-        ));
+        let outcome = |data: Option<Vec<u8>>, previous, force_store| {
+            pack(ChunkJob { addr: 0, data, previous, force_store }).expect("packs").1
+        };
+        assert!(matches!(outcome(Some(data.clone()), Some(state), false), Packed::Unchanged));
+        assert!(matches!(outcome(Some(data.clone()), Some(state), true), Packed::Stored { .. }));
+        assert!(matches!(outcome(None, Some(state), false), Packed::Zero));
+        assert!(matches!(outcome(Some(vec![0; 10]), Some(state), false), Packed::Zero));
+        assert!(matches!(outcome(None, Some(ChunkState::Zero), false), Packed::Unchanged));
+        assert!(matches!(outcome(Some(vec![0; 10]), None, true), Packed::Unchanged));
         assert_eq!(unpack(&packed, &state, data.len()).expect("unpacks"), data);
     }
 
     #[test]
     fn unpack_rejects_tampering() {
         let data = b"0123456789".repeat(500);
-        let (
-            _,
-            Packed::Stored {
-                plain,
-                stored,
-                data: packed,
-            },
-        ) = pack(job(Some(data.clone()), Previous::Absent)).expect("packs")
+        let (_, Packed::Stored { plain, stored, data: packed }) = pack(job(Some(data.clone()), None)).expect("packs")
         else {
             panic!("must store")
         };
         let state = ChunkState::Stored { plain, stored };
         let mut bad = packed.clone();
         bad[3] ^= 1;
-        assert!(matches!(
-            unpack(&bad, &state, data.len()),
-            Err(ChunkFault::StoredHashMismatch)
-        ));
-        assert!(matches!(
-            unpack(&packed[..packed.len() - 1], &state, data.len()),
-            Err(ChunkFault::StoredHashMismatch)
-        ));
+        assert!(matches!(unpack(&bad, &state, data.len()), Err(ChunkFault::StoredHashMismatch)));
+        assert!(matches!(unpack(&packed[..packed.len() - 1], &state, data.len()), Err(ChunkFault::StoredHashMismatch)));
         // A right stored hash but the wrong plaintext expectation.
-        let lying = ChunkState::Stored {
-            plain: [0; 32],
-            stored,
-        };
-        assert!(matches!(
-            unpack(&packed, &lying, data.len()),
-            Err(ChunkFault::PlainHashMismatch)
-        ));
+        let lying = ChunkState::Stored { plain: [0; 32], stored };
+        assert!(matches!(unpack(&packed, &lying, data.len()), Err(ChunkFault::PlainHashMismatch)));
         // Decompression is bounded by the expected length.
         assert!(unpack(&packed, &state, 10).is_err());
     }

@@ -6,11 +6,7 @@ use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "sparsebak",
-    version,
-    about = "Fast incremental backups of disk images and LVM thin volumes"
-)]
+#[command(name = "sparsebak", version, about = "Fast incremental backups of disk images and LVM thin volumes")]
 pub struct Cli {
     /// Configuration file; dom0's metadata lives in its directory.
     #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_CONFIG)]
@@ -64,17 +60,14 @@ mod tests {
 
     #[test]
     fn options_before_or_after_command() {
-        let a = Cli::try_parse_from(["sparsebak", "--save-to=x.img", "receive", "vol"])
-            .expect("parses");
-        let b = Cli::try_parse_from(["sparsebak", "receive", "vol", "--save-to=x.img"])
-            .expect("parses");
+        let a = Cli::try_parse_from(["sparsebak", "--save-to=x.img", "receive", "vol"]).expect("parses");
+        let b = Cli::try_parse_from(["sparsebak", "receive", "vol", "--save-to=x.img"]).expect("parses");
         for c in [a, b] {
             assert_eq!(c.command, CommandName::Receive);
             assert_eq!(c.volumes, ["vol"]);
             assert_eq!(c.save_to.as_deref(), Some(std::path::Path::new("x.img")));
         }
-        let c = Cli::try_parse_from(["sparsebak", "send", "-u", "a", "--config", "/c.ini", "b"])
-            .expect("parses");
+        let c = Cli::try_parse_from(["sparsebak", "send", "-u", "a", "--config", "/c.ini", "b"]).expect("parses");
         assert!(c.unattended);
         assert_eq!(c.volumes, ["a", "b"]);
         assert!(Cli::try_parse_from(["sparsebak", "explode"]).is_err());

@@ -14,15 +14,7 @@ pub const DEFAULT_CONFIG: &str = "/sparsebak/sparsebak.ini";
 pub const DEFAULT_CHUNK_SIZE: u64 = 128 * 1024;
 
 /// Keys allowed in `[var]`.
-const VAR_KEYS: &[&str] = &[
-    "vgname",
-    "poolname",
-    "localdir",
-    "destvm",
-    "destmountpoint",
-    "destdir",
-    "chunksize",
-];
+const VAR_KEYS: &[&str] = &["vgname", "poolname", "localdir", "destvm", "destmountpoint", "destdir", "chunksize"];
 
 /// Where the volumes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,8 +53,7 @@ pub struct Config {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
         Self::parse(path, &text).with_context(|| format!("config {}", path.display()))
     }
 
@@ -82,15 +73,11 @@ impl Config {
             bail!("unknown key {key:?} in [var]");
         }
         let get = |key: &str| -> Result<String> {
-            var.get(key)
-                .map(str::to_string)
-                .ok_or_else(|| anyhow!("missing key {key:?} in [var]"))
+            var.get(key).map(str::to_string).ok_or_else(|| anyhow!("missing key {key:?} in [var]"))
         };
 
         let source = match (var.get("localdir"), var.get("vgname"), var.get("poolname")) {
-            (Some(dir), None, None) => SourceKind::Local {
-                dir: PathBuf::from(dir),
-            },
+            (Some(dir), None, None) => SourceKind::Local { dir: PathBuf::from(dir) },
             (Some(_), _, _) => bail!("[var] localdir cannot be combined with vgname/poolname"),
             (None, _, _) => {
                 let vg = get("vgname")?;
@@ -144,9 +131,10 @@ impl Config {
         let name = match &self.source {
             SourceKind::Lvm { vg, pool } => format!("{vg}%{pool}"),
             SourceKind::Local { dir } => {
-                let base = dir.file_name().and_then(|b| b.to_str()).ok_or_else(|| {
-                    anyhow!("localdir {} has no usable final component", dir.display())
-                })?;
+                let base = dir
+                    .file_name()
+                    .and_then(|b| b.to_str())
+                    .ok_or_else(|| anyhow!("localdir {} has no usable final component", dir.display()))?;
                 format!("local%{base}")
             }
         };
@@ -158,31 +146,17 @@ impl Config {
     /// and enabled when `need_enabled`), or every enabled one.
     pub fn select_volumes(&self, named: &[String], need_enabled: bool) -> Result<Vec<String>> {
         if named.is_empty() {
-            let all: Vec<String> = self
-                .volumes
-                .iter()
-                .filter(|(_, e)| *e)
-                .map(|(n, _)| n.clone())
-                .collect();
+            let all: Vec<String> = self.volumes.iter().filter(|(_, e)| *e).map(|(n, _)| n.clone()).collect();
             if all.is_empty() {
-                bail!(
-                    "no volume is enabled in [volumes] of {}",
-                    self.path.display()
-                );
+                bail!("no volume is enabled in [volumes] of {}", self.path.display());
             }
             return Ok(all);
         }
         for name in named {
             match self.volumes.iter().find(|(n, _)| n == name) {
-                None => bail!(
-                    "volume {name:?} is not configured in [volumes] of {}",
-                    self.path.display()
-                ),
+                None => bail!("volume {name:?} is not configured in [volumes] of {}", self.path.display()),
                 Some((_, false)) if need_enabled => {
-                    bail!(
-                        "volume {name:?} is disabled in [volumes] of {}",
-                        self.path.display()
-                    )
+                    bail!("volume {name:?} is disabled in [volumes] of {}", self.path.display())
                 }
                 Some(_) => {}
             }
@@ -197,34 +171,21 @@ fn parse_dest_vm(value: &str) -> Result<DestVm> {
     }
     if let Some(rest) = value.strip_prefix("ssh://") {
         let (target, port) = match rest.rsplit_once(':') {
-            Some((t, p)) => (
-                t,
-                Some(
-                    p.parse::<u16>()
-                        .map_err(|_| anyhow!("bad ssh port {p:?}"))?,
-                ),
-            ),
+            Some((t, p)) => (t, Some(p.parse::<u16>().map_err(|_| anyhow!("bad ssh port {p:?}"))?)),
             None => (rest, None),
         };
         let ok = !target.is_empty()
             && !target.starts_with('-')
-            && target
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "@._-".contains(c));
+            && target.chars().all(|c| c.is_ascii_alphanumeric() || "@._-".contains(c));
         if !ok {
             bail!("bad ssh destination {target:?}: expected user@host");
         }
-        return Ok(DestVm::Ssh {
-            target: target.to_string(),
-            port,
-        });
+        return Ok(DestVm::Ssh { target: target.to_string(), port });
     }
     // Qubes VM names: a letter, then letters, digits, '_', '.', '-'; at most 31.
     let ok = value.len() <= 31
         && value.starts_with(|c: char| c.is_ascii_alphabetic())
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !ok {
         bail!("{value:?} is not none, ssh://user@host[:port] or a valid Qubes VM name");
     }
@@ -241,12 +202,8 @@ fn parse_chunk_size(v: &str) -> Result<u64> {
         _ => (v, 1),
     };
     let n: u64 = num.parse().map_err(|_| anyhow!("{v:?} is not a size"))?;
-    let size = n
-        .checked_mul(mult)
-        .ok_or_else(|| anyhow!("{v:?} is too large"))?;
-    if !size.is_power_of_two()
-        || !(64 * 1024..=sparsebak_proto::msg::MAX_CHUNK_SIZE).contains(&size)
-    {
+    let size = n.checked_mul(mult).ok_or_else(|| anyhow!("{v:?} is too large"))?;
+    if !size.is_power_of_two() || !(64 * 1024..=sparsebak_proto::msg::MAX_CHUNK_SIZE).contains(&size) {
         bail!("chunk size {size} must be a power of two from 64K to 4M");
     }
     Ok(size)
@@ -265,21 +222,12 @@ mod tests {
     #[test]
     fn parses_design_example() {
         let c = parse(LVM).expect("valid");
-        assert_eq!(
-            c.source,
-            SourceKind::Lvm {
-                vg: "qubes_dom0".into(),
-                pool: "pool00".into()
-            }
-        );
+        assert_eq!(c.source, SourceKind::Lvm { vg: "qubes_dom0".into(), pool: "pool00".into() });
         assert_eq!(c.dest_vm, DestVm::Qubes("backup".into()));
         assert_eq!(c.meta_dir, Path::new("/sparsebak"));
         assert_eq!(c.pool_dir().expect("pool dir"), "qubes_dom0%pool00");
         assert_eq!(c.chunk_size, DEFAULT_CHUNK_SIZE);
-        assert_eq!(
-            c.select_volumes(&[], true).expect("enabled"),
-            vec!["vm-a-private"]
-        );
+        assert_eq!(c.select_volumes(&[], true).expect("enabled"), vec!["vm-a-private"]);
     }
 
     fn err_of(text: &str) -> String {
@@ -294,13 +242,9 @@ mod tests {
         assert!(err_of(&LVM.replace("= disable", "= maybe")).contains("vm-b-private"));
         assert!(err_of(&LVM.replace("destvm = backup", "destvm = -oProxy")).contains("destvm"));
         let c = parse(LVM).expect("valid");
-        let e = c
-            .select_volumes(&["vm-b-private".into()], true)
-            .expect_err("disabled");
+        let e = c.select_volumes(&["vm-b-private".into()], true).expect_err("disabled");
         assert!(e.to_string().contains("vm-b-private") && e.to_string().contains("disabled"));
-        let e = c
-            .select_volumes(&["nope".into()], false)
-            .expect_err("unknown");
+        let e = c.select_volumes(&["nope".into()], false).expect_err("unknown");
         assert!(e.to_string().contains("nope") && e.to_string().contains("not configured"));
         assert!(c.select_volumes(&["vm-b-private".into()], false).is_ok());
     }
@@ -310,10 +254,7 @@ mod tests {
         assert_eq!(parse_dest_vm("none").expect("none"), DestVm::Local);
         assert_eq!(
             parse_dest_vm("ssh://bak@host.example:2222").expect("ssh"),
-            DestVm::Ssh {
-                target: "bak@host.example".into(),
-                port: Some(2222)
-            }
+            DestVm::Ssh { target: "bak@host.example".into(), port: Some(2222) }
         );
         assert!(parse_dest_vm("ssh://-oProxyCommand=x").is_err());
         assert!(parse_dest_vm("my vm").is_err());
@@ -323,12 +264,7 @@ mod tests {
     fn local_dir_and_chunk_size() {
         let text = "[var]\nlocaldir = /srv/images\ndestvm = none\ndestmountpoint = /mnt\ndestdir = b\nchunksize = 256K\n[volumes]\ndisk.img = enable\n";
         let c = parse(text).expect("valid");
-        assert_eq!(
-            c.source,
-            SourceKind::Local {
-                dir: "/srv/images".into()
-            }
-        );
+        assert_eq!(c.source, SourceKind::Local { dir: "/srv/images".into() });
         assert_eq!(c.pool_dir().expect("pool"), "local%images");
         assert_eq!(c.chunk_size, 256 * 1024);
         assert!(err_of(&text.replace("256K", "100K")).contains("chunksize"));

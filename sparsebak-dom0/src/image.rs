@@ -17,36 +17,23 @@ pub struct ImageVolume {
     size: u64,
     /// The last SEEK_DATA answer: (queried offset, start of the next data
     /// region at or after it, `u64::MAX` when the rest is a hole).
-    next_data: Option<(u64, u64)>,
+    data_cache: Option<(u64, u64)>,
     holes_supported: bool,
 }
 
 impl ImageVolume {
     pub fn open(path: &Path) -> Result<ImageVolume> {
-        let mut file =
-            File::open(path).with_context(|| format!("opening volume {}", path.display()))?;
-        let meta = file
-            .metadata()
-            .with_context(|| format!("stat {}", path.display()))?;
+        let mut file = File::open(path).with_context(|| format!("opening volume {}", path.display()))?;
+        let meta = file.metadata().with_context(|| format!("stat {}", path.display()))?;
         let ft = meta.file_type();
         let size = if ft.is_file() {
             meta.len()
         } else if ft.is_block_device() {
-            file.seek(SeekFrom::End(0))
-                .with_context(|| format!("size of {}", path.display()))?
+            file.seek(SeekFrom::End(0)).with_context(|| format!("size of {}", path.display()))?
         } else {
-            bail!(
-                "volume {} is neither a regular file nor a block device",
-                path.display()
-            );
+            bail!("volume {} is neither a regular file nor a block device", path.display());
         };
-        Ok(ImageVolume {
-            file,
-            path: path.to_path_buf(),
-            size,
-            next_data: None,
-            holes_supported: ft.is_file(),
-        })
+        Ok(ImageVolume { file, path: path.to_path_buf(), size, data_cache: None, holes_supported: ft.is_file() })
     }
 
     pub fn size(&self) -> u64 {
@@ -66,26 +53,35 @@ impl ImageVolume {
     }
 
     fn is_hole(&mut self, addr: u64, len: u64) -> Result<bool> {
+        Ok(self.next_data(addr)? >= addr.saturating_add(len))
+    }
+
+    /// The first offset at or after `from` that may hold data (`size` or
+    /// beyond when only holes follow). Queries must move forward; the last
+    /// answer is reused while it still covers `from`.
+    pub fn next_data(&mut self, from: u64) -> Result<u64> {
         if !self.holes_supported {
-            return Ok(false);
+            return Ok(from);
         }
-        let next = match self.next_data {
-            Some((from, n)) if from <= addr && n > addr => n,
-            _ => {
-                let n = match lseek(self.file.as_raw_fd(), addr as i64, Whence::SeekData) {
-                    Ok(off) => off as u64,
-                    Err(nix::errno::Errno::ENXIO) => u64::MAX,
-                    Err(nix::errno::Errno::EINVAL) => {
-                        self.holes_supported = false;
-                        return Ok(false);
-                    }
-                    Err(e) => bail!("SEEK_DATA in {} at {addr:#x}: {e}", self.path.display()),
-                };
-                self.next_data = Some((addr, n));
-                n
+        if let Some((queried, next)) = self.data_cache {
+            if queried <= from && from < next {
+                return Ok(next);
             }
+            if next == from {
+                return Ok(from);
+            }
+        }
+        let next = match lseek(self.file.as_raw_fd(), from as i64, Whence::SeekData) {
+            Ok(off) => off as u64,
+            Err(nix::errno::Errno::ENXIO) => u64::MAX,
+            Err(nix::errno::Errno::EINVAL) => {
+                self.holes_supported = false;
+                return Ok(from);
+            }
+            Err(e) => bail!("SEEK_DATA in {} at {from:#x}: {e}", self.path.display()),
         };
-        Ok(next >= addr.saturating_add(len))
+        self.data_cache = Some((from, next));
+        Ok(next)
     }
 }
 
@@ -113,5 +109,9 @@ mod tests {
         assert_eq!(&data[..4096], &[7u8; 4096][..]);
         assert!(data[4096..].iter().all(|&b| b == 0));
         assert!(v.read_chunk(63 << 20, cs).expect("read").is_none());
+        let mut v = ImageVolume::open(&path).expect("open");
+        let first = v.next_data(0).expect("seek");
+        assert!(first <= 32 << 20 && first > 16 << 20, "data found at {first:#x}");
+        assert!(v.next_data((32 << 20) + 8192).expect("seek") >= 64 << 20);
     }
 }

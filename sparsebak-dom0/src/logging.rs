@@ -14,11 +14,9 @@ impl Log for StderrLogger {
     fn log(&self, record: &Record) {
         if self.enabled(record.metadata()) {
             match record.level() {
-                Level::Error | Level::Warn => eprintln!(
-                    "sparsebak: {}: {}",
-                    record.level().as_str().to_lowercase(),
-                    record.args()
-                ),
+                Level::Error | Level::Warn => {
+                    eprintln!("sparsebak: {}: {}", record.level().as_str().to_lowercase(), record.args())
+                }
                 _ => eprintln!("{}", record.args()),
             }
         }

@@ -48,8 +48,7 @@ impl ManifestEntry {
 
     pub fn parse_line(line: &str) -> Result<ManifestEntry> {
         let mut parts = line.split(' ');
-        let (Some(plain), Some(stored), Some(addr), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(plain), Some(stored), Some(addr), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             bail!("bad manifest line {line:?}");
         };
@@ -60,10 +59,7 @@ impl ManifestEntry {
             .ok_or_else(|| anyhow!("bad chunk address in manifest line {line:?}"))?;
         let state = match (plain, stored) {
             ("0", "0") => ChunkState::Zero,
-            _ => ChunkState::Stored {
-                plain: unhex(plain)?,
-                stored: unhex(stored)?,
-            },
+            _ => ChunkState::Stored { plain: unhex(plain)?, stored: unhex(stored)? },
         };
         Ok(ManifestEntry { addr, state })
     }
@@ -79,8 +75,7 @@ fn unhex(s: &str) -> Result<Hash> {
     }
     let mut out = [0u8; 32];
     for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
-            .map_err(|_| anyhow!("bad hash {s:?} in manifest"))?;
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| anyhow!("bad hash {s:?} in manifest"))?;
     }
     Ok(out)
 }
@@ -94,37 +89,23 @@ pub struct ManifestWriter {
 
 impl ManifestWriter {
     pub fn create(path: &Path) -> Result<ManifestWriter> {
-        let f =
-            File::create(path).with_context(|| format!("creating manifest {}", path.display()))?;
-        Ok(ManifestWriter {
-            out: BufWriter::with_capacity(1 << 16, f),
-            last: None,
-            path: path.to_path_buf(),
-        })
+        let f = File::create(path).with_context(|| format!("creating manifest {}", path.display()))?;
+        Ok(ManifestWriter { out: BufWriter::with_capacity(1 << 16, f), last: None, path: path.to_path_buf() })
     }
 
     pub fn push(&mut self, e: &ManifestEntry) -> Result<()> {
         if self.last.is_some_and(|l| l >= e.addr) {
-            bail!(
-                "manifest {}: address {:#x} out of order",
-                self.path.display(),
-                e.addr
-            );
+            bail!("manifest {}: address {:#x} out of order", self.path.display(), e.addr);
         }
         self.last = Some(e.addr);
-        self.out
-            .write_all(e.to_line().as_bytes())
-            .with_context(|| format!("writing manifest {}", self.path.display()))
+        self.out.write_all(e.to_line().as_bytes()).with_context(|| format!("writing manifest {}", self.path.display()))
     }
 
     /// Flushes and fsyncs.
     pub fn finish(self) -> Result<()> {
-        let f = self
-            .out
-            .into_inner()
-            .map_err(|e| anyhow!("writing manifest {}: {}", self.path.display(), e.error()))?;
-        f.sync_all()
-            .with_context(|| format!("syncing manifest {}", self.path.display()))
+        let f =
+            self.out.into_inner().map_err(|e| anyhow!("writing manifest {}: {}", self.path.display(), e.error()))?;
+        f.sync_all().with_context(|| format!("syncing manifest {}", self.path.display()))
     }
 }
 
@@ -138,11 +119,7 @@ pub struct ManifestReader {
 impl ManifestReader {
     pub fn open(path: &Path) -> Result<ManifestReader> {
         let f = File::open(path).with_context(|| format!("opening manifest {}", path.display()))?;
-        Ok(ManifestReader {
-            lines: BufReader::with_capacity(1 << 16, f).lines(),
-            last: None,
-            path: path.to_path_buf(),
-        })
+        Ok(ManifestReader { lines: BufReader::with_capacity(1 << 16, f).lines(), last: None, path: path.to_path_buf() })
     }
 }
 
@@ -186,12 +163,7 @@ pub struct ManifestMerge<I> {
 impl<I: Iterator<Item = Result<ManifestEntry>>> ManifestMerge<I> {
     /// `sources[i]` is session i; higher index = newer.
     pub fn new(sources: Vec<I>) -> Result<Self> {
-        let mut m = ManifestMerge {
-            heads: vec![None; sources.len()],
-            sources,
-            heap: BinaryHeap::new(),
-            failed: false,
-        };
+        let mut m = ManifestMerge { heads: vec![None; sources.len()], sources, heap: BinaryHeap::new(), failed: false };
         for i in 0..m.sources.len() {
             m.advance(i)?;
         }
@@ -221,10 +193,7 @@ impl<I: Iterator<Item = Result<ManifestEntry>>> ManifestMerge<I> {
             self.heads[older] = None;
             self.advance(older)?;
         }
-        Ok(Some(MergedEntry {
-            entry,
-            session: winner,
-        }))
+        Ok(Some(MergedEntry { entry, session: winner }))
     }
 }
 
@@ -248,39 +217,22 @@ mod tests {
     use super::*;
 
     fn stored(addr: u64, tag: u8) -> ManifestEntry {
-        ManifestEntry {
-            addr,
-            state: ChunkState::Stored {
-                plain: [tag; 32],
-                stored: [tag ^ 0xff; 32],
-            },
-        }
+        ManifestEntry { addr, state: ChunkState::Stored { plain: [tag; 32], stored: [tag ^ 0xff; 32] } }
     }
 
     fn zero(addr: u64) -> ManifestEntry {
-        ManifestEntry {
-            addr,
-            state: ChunkState::Zero,
-        }
+        ManifestEntry { addr, state: ChunkState::Zero }
     }
 
     #[test]
     fn lines_round_trip_and_reject_garbage() {
         for e in [stored(0x20000, 7), zero(0)] {
             let line = e.to_line();
-            assert_eq!(
-                ManifestEntry::parse_line(line.trim_end()).expect("parses"),
-                e
-            );
+            assert_eq!(ManifestEntry::parse_line(line.trim_end()).expect("parses"), e);
         }
-        for bad in [
-            "",
-            "0 0",
-            "0 0 x12",
-            "0 0 x000000000000000g",
-            "zz 0 x0000000000000000",
-            "0 0 x0000000000000000 extra",
-        ] {
+        for bad in
+            ["", "0 0", "0 0 x12", "0 0 x000000000000000g", "zz 0 x0000000000000000", "0 0 x0000000000000000 extra"]
+        {
             assert!(ManifestEntry::parse_line(bad).is_err(), "{bad:?}");
         }
     }
@@ -290,31 +242,13 @@ mod tests {
         let s0 = vec![stored(0, 1), stored(10, 1), stored(20, 1)];
         let s1 = vec![zero(10), stored(30, 2)];
         let s2 = vec![stored(20, 3), stored(30, 3)];
-        let sources = [s0, s1, s2]
-            .into_iter()
-            .map(|v| v.into_iter().map(Ok))
-            .collect();
-        let got: Vec<MergedEntry> = ManifestMerge::new(sources)
-            .expect("merge")
-            .collect::<Result<_>>()
-            .expect("ok");
+        let sources = [s0, s1, s2].into_iter().map(|v| v.into_iter().map(Ok)).collect();
+        let got: Vec<MergedEntry> = ManifestMerge::new(sources).expect("merge").collect::<Result<_>>().expect("ok");
         let want = vec![
-            MergedEntry {
-                entry: stored(0, 1),
-                session: 0,
-            },
-            MergedEntry {
-                entry: zero(10),
-                session: 1,
-            },
-            MergedEntry {
-                entry: stored(20, 3),
-                session: 2,
-            },
-            MergedEntry {
-                entry: stored(30, 3),
-                session: 2,
-            },
+            MergedEntry { entry: stored(0, 1), session: 0 },
+            MergedEntry { entry: zero(10), session: 1 },
+            MergedEntry { entry: stored(20, 3), session: 2 },
+            MergedEntry { entry: stored(30, 3), session: 2 },
         ];
         assert_eq!(got, want);
     }
@@ -328,14 +262,10 @@ mod tests {
         w.push(&zero(0x20000)).expect("push");
         assert!(w.push(&zero(0x20000)).is_err());
         w.finish().expect("finish");
-        let got: Vec<_> = ManifestReader::open(&path)
-            .expect("open")
-            .collect::<Result<_>>()
-            .expect("read");
+        let got: Vec<_> = ManifestReader::open(&path).expect("open").collect::<Result<_>>().expect("read");
         assert_eq!(got, vec![stored(0, 1), zero(0x20000)]);
 
-        std::fs::write(&path, format!("{}{}", zero(5).to_line(), zero(1).to_line()))
-            .expect("write");
+        std::fs::write(&path, format!("{}{}", zero(5).to_line(), zero(1).to_line())).expect("write");
         let r: Result<Vec<_>> = ManifestReader::open(&path).expect("open").collect();
         assert!(format!("{:#}", r.expect_err("out of order")).contains("out of order"));
     }

@@ -29,8 +29,7 @@ pub struct MetaDir {
 impl MetaDir {
     /// Takes the lock, or fails at once naming the lock file.
     pub fn lock(root: &Path) -> Result<MetaDir> {
-        fs::create_dir_all(root)
-            .with_context(|| format!("creating metadata folder {}", root.display()))?;
+        fs::create_dir_all(root).with_context(|| format!("creating metadata folder {}", root.display()))?;
         let path = root.join(LOCK_FILE);
         let file = File::options()
             .create(true)
@@ -45,16 +44,11 @@ impl MetaDir {
             }
             Err((_, e)) => bail!("locking {}: {e}", path.display()),
         };
-        Ok(MetaDir {
-            root: root.to_path_buf(),
-            _lock: lock,
-        })
+        Ok(MetaDir { root: root.to_path_buf(), _lock: lock })
     }
 
     pub fn volume(&self, pool_dir: &str, name: &str) -> VolumeMeta {
-        VolumeMeta {
-            dir: self.root.join(pool_dir).join(name),
-        }
+        VolumeMeta { dir: self.root.join(pool_dir).join(name) }
     }
 
     /// Names of volumes that have a folder under `pool_dir`.
@@ -88,22 +82,15 @@ pub struct VolumeMeta {
 impl VolumeMeta {
     /// Committed sessions, oldest first.
     pub fn sessions(&self) -> Result<Vec<SessionId>> {
-        let mut out: Vec<SessionId> = self
-            .session_dirs()?
-            .into_iter()
-            .filter_map(|(id, tmp)| (!tmp).then_some(id))
-            .collect();
+        let mut out: Vec<SessionId> =
+            self.session_dirs()?.into_iter().filter_map(|(id, tmp)| (!tmp).then_some(id)).collect();
         out.sort();
         Ok(out)
     }
 
     /// Sessions left as `-tmp` by a send that did not finish.
     pub fn unfinished_sessions(&self) -> Result<Vec<SessionId>> {
-        Ok(self
-            .session_dirs()?
-            .into_iter()
-            .filter_map(|(id, tmp)| tmp.then_some(id))
-            .collect())
+        Ok(self.session_dirs()?.into_iter().filter_map(|(id, tmp)| tmp.then_some(id)).collect())
     }
 
     fn session_dirs(&self) -> Result<Vec<(SessionId, bool)>> {
@@ -139,8 +126,7 @@ impl VolumeMeta {
 
     pub fn info(&self, id: &SessionId) -> Result<SessionInfo> {
         let path = self.session_dir(id).join("info");
-        let text =
-            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         SessionInfo::parse(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
@@ -150,18 +136,15 @@ impl VolumeMeta {
 
     /// The merged view of `sessions` (oldest first): newest entry per address.
     pub fn merged(&self, sessions: &[SessionId]) -> Result<ManifestMerge<ManifestReader>> {
-        let readers = sessions
-            .iter()
-            .map(|s| ManifestReader::open(&self.manifest_path(s)))
-            .collect::<Result<Vec<_>>>()?;
+        let readers =
+            sessions.iter().map(|s| ManifestReader::open(&self.manifest_path(s))).collect::<Result<Vec<_>>>()?;
         ManifestMerge::new(readers)
     }
 
     /// Makes a finished `-tmp` session visible (after the receiver committed it).
     pub fn promote(&self, id: &SessionId) -> Result<()> {
         let tmp = self.tmp_session_dir(id);
-        fs::rename(&tmp, self.session_dir(id))
-            .with_context(|| format!("renaming {}", tmp.display()))?;
+        fs::rename(&tmp, self.session_dir(id)).with_context(|| format!("renaming {}", tmp.display()))?;
         fsync_dir(&self.dir)
     }
 
@@ -173,9 +156,7 @@ impl VolumeMeta {
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing folder {}", dir.display()))
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing folder {}", dir.display()))
 }
 
 /// Writes `data` to `path` durably (temp file, fsync, rename).
@@ -202,13 +183,8 @@ mod tests {
     fn second_lock_is_refused_with_the_lock_path() {
         let dir = tempfile::tempdir().expect("tempdir");
         let first = MetaDir::lock(dir.path()).expect("first lock");
-        let err = MetaDir::lock(dir.path())
-            .err()
-            .expect("second lock must fail");
-        assert!(
-            err.to_string().contains("another sparsebak is running"),
-            "{err}"
-        );
+        let err = MetaDir::lock(dir.path()).err().expect("second lock must fail");
+        assert!(err.to_string().contains("another sparsebak is running"), "{err}");
         drop(first);
         assert!(MetaDir::lock(dir.path()).is_ok());
     }

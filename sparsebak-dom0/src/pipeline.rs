@@ -80,10 +80,7 @@ where
 
 /// Reorders results by sequence number; the buffer holds at most the jobs
 /// in flight.
-fn deliver_in_order<R, S: FnMut(R) -> Result<()>>(
-    results: Receiver<(u64, Result<R>)>,
-    sink: &mut S,
-) -> Result<()> {
+fn deliver_in_order<R, S: FnMut(R) -> Result<()>>(results: Receiver<(u64, Result<R>)>, sink: &mut S) -> Result<()> {
     let mut pending = BTreeMap::new();
     let mut next = 0u64;
     for (seq, res) in results.iter() {
@@ -96,9 +93,7 @@ fn deliver_in_order<R, S: FnMut(R) -> Result<()>>(
     match pending.into_iter().next() {
         None => Ok(()),
         Some((seq, Err(e))) if seq == next => Err(e),
-        Some((seq, _)) => Err(anyhow!(
-            "internal error: result {next} missing before {seq}"
-        )),
+        Some((seq, _)) => Err(anyhow!("internal error: result {next} missing before {seq}")),
     }
 }
 
@@ -130,13 +125,7 @@ mod tests {
 
     #[test]
     fn first_error_stops_the_run() {
-        let jobs = (0..10_000u64).map(|j| {
-            if j == 5000 {
-                Err(anyhow!("job {j} failed"))
-            } else {
-                Ok(j)
-            }
-        });
+        let jobs = (0..10_000u64).map(|j| if j == 5000 { Err(anyhow!("job {j} failed")) } else { Ok(j) });
         let mut seen = 0u64;
         let err = ordered_map(jobs, 2, Ok, |_| {
             seen += 1;
@@ -161,14 +150,9 @@ mod tests {
         .expect_err("fails");
         assert!(err.to_string().contains("work 10"));
 
-        let err = ordered_map((0..10_000u64).map(Ok), 2, Ok, |r| {
-            if r == 3 {
-                Err(anyhow!("sink {r}"))
-            } else {
-                Ok(())
-            }
-        })
-        .expect_err("fails");
+        let err =
+            ordered_map((0..10_000u64).map(Ok), 2, Ok, |r| if r == 3 { Err(anyhow!("sink {r}")) } else { Ok(()) })
+                .expect_err("fails");
         assert!(err.to_string().contains("sink 3"));
     }
 }

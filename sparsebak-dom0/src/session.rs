@@ -13,18 +13,13 @@ pub struct SessionId(String);
 impl SessionId {
     pub fn parse(name: &str) -> Result<SessionId> {
         names::validate_session_name(name)?;
-        NaiveDateTime::parse_from_str(name, NAME_FORMAT)
-            .map_err(|e| anyhow!("invalid session name {name:?}: {e}"))?;
+        NaiveDateTime::parse_from_str(name, NAME_FORMAT).map_err(|e| anyhow!("invalid session name {name:?}: {e}"))?;
         Ok(SessionId(name.to_string()))
     }
 
     /// Accepts `YYYYMMDD-HHMMSS` (as `list` prints it) or `S_YYYYMMDD-HHMMSS`.
     pub fn from_user(dt: &str) -> Result<SessionId> {
-        let name = if dt.starts_with("S_") {
-            dt.to_string()
-        } else {
-            format!("S_{dt}")
-        };
+        let name = if dt.starts_with("S_") { dt.to_string() } else { format!("S_{dt}") };
         Self::parse(&name).map_err(|_| anyhow!("invalid session {dt:?}: expected YYYYMMDD-HHMMSS"))
     }
 
@@ -94,18 +89,11 @@ impl SessionInfo {
     pub fn parse(text: &str) -> Result<SessionInfo> {
         let mut kv = std::collections::HashMap::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| anyhow!("bad info line {line:?}"))?;
+            let (k, v) = line.split_once('=').ok_or_else(|| anyhow!("bad info line {line:?}"))?;
             kv.insert(k.trim(), v.trim());
         }
-        let get = |k: &str| {
-            kv.get(k)
-                .copied()
-                .ok_or_else(|| anyhow!("info lacks {k:?}"))
-        };
-        let num =
-            |k: &str| -> Result<u64> { get(k)?.parse().with_context(|| format!("info {k:?}")) };
+        let get = |k: &str| kv.get(k).copied().ok_or_else(|| anyhow!("info lacks {k:?}"));
+        let num = |k: &str| -> Result<u64> { get(k)?.parse().with_context(|| format!("info {k:?}")) };
         let format = match get("format")? {
             "folders" => SessionFormat::Folders,
             other => bail!("unknown session format {other:?}"),
@@ -137,10 +125,7 @@ mod tests {
 
     #[test]
     fn next_is_strictly_increasing() {
-        let now = Utc
-            .with_ymd_and_hms(2026, 11, 29, 8, 30, 0)
-            .single()
-            .expect("valid time");
+        let now = Utc.with_ymd_and_hms(2026, 11, 29, 8, 30, 0).single().expect("valid time");
         let first = SessionId::next(now, None).expect("name");
         assert_eq!(first.as_str(), "S_20261129-083000");
         let second = SessionId::next(now, Some(&first)).expect("name");
@@ -152,12 +137,7 @@ mod tests {
 
     #[test]
     fn user_forms() {
-        assert_eq!(
-            SessionId::from_user("20261129-083000")
-                .expect("ok")
-                .as_str(),
-            "S_20261129-083000"
-        );
+        assert_eq!(SessionId::from_user("20261129-083000").expect("ok").as_str(), "S_20261129-083000");
         assert!(SessionId::from_user("S_20261129-083000").is_ok());
         assert!(SessionId::from_user("20261399-083000").is_err());
         assert!(SessionId::from_user("yesterday").is_err());

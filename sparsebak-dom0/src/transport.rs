@@ -7,9 +7,7 @@
 
 use crate::config::{Config, DestVm};
 use anyhow::{anyhow, bail, Context, Result};
-use sparsebak_proto::{
-    read_msg, write_msg, Destination, FrameError, Request, Response, PROTOCOL_VERSION,
-};
+use sparsebak_proto::{read_msg, write_msg, Destination, FrameError, Request, Response, PROTOCOL_VERSION};
 use std::io::{BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -21,39 +19,24 @@ const RECEIVER_BIN: &str = "sparsebak-vm";
 /// The argument vector that starts the receiver for `dest`.
 pub fn receiver_argv(dest: &DestVm) -> Result<Vec<String>> {
     Ok(match dest {
-        DestVm::Local => vec![
-            local_receiver()?.to_string_lossy().into_owned(),
-            "serve".into(),
-        ],
+        DestVm::Local => vec![local_receiver()?.to_string_lossy().into_owned(), "serve".into()],
         DestVm::Ssh { target, port } => {
             let mut v = vec!["ssh".to_string(), "-o".into(), "BatchMode=yes".into()];
             if let Some(p) = port {
                 v.extend(["-p".to_string(), p.to_string()]);
             }
-            v.extend([
-                "--".to_string(),
-                target.clone(),
-                RECEIVER_BIN.into(),
-                "serve".into(),
-            ]);
+            v.extend(["--".to_string(), target.clone(), RECEIVER_BIN.into(), "serve".into()]);
             v
         }
-        DestVm::Qubes(vm) => vec![
-            "qvm-run".into(),
-            "--pass-io".into(),
-            "--service".into(),
-            vm.clone(),
-            QREXEC_SERVICE.into(),
-        ],
+        DestVm::Qubes(vm) => {
+            vec!["qvm-run".into(), "--pass-io".into(), "--service".into(), vm.clone(), QREXEC_SERVICE.into()]
+        }
     })
 }
 
 /// `sparsebak-vm` next to our own binary, else on PATH.
 fn local_receiver() -> Result<PathBuf> {
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(PathBuf::from))
-    {
+    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(PathBuf::from)) {
         let beside = dir.join(RECEIVER_BIN);
         if beside.is_file() {
             return Ok(beside);
@@ -124,19 +107,12 @@ impl Receiver {
         };
         let mut rx = Receiver {
             child,
-            requests: RequestSink {
-                out: BufWriter::with_capacity(1 << 20, stdin),
-            },
-            responses: ResponseSource {
-                input: BufReader::with_capacity(1 << 20, stdout),
-            },
+            requests: RequestSink { out: BufWriter::with_capacity(1 << 20, stdin) },
+            responses: ResponseSource { input: BufReader::with_capacity(1 << 20, stdout) },
         };
         let hello = Request::Hello {
             version: PROTOCOL_VERSION,
-            dest: Destination {
-                mountpoint: config.dest_mountpoint.clone(),
-                dir: config.dest_dir.clone(),
-            },
+            dest: Destination { mountpoint: config.dest_mountpoint.clone(), dir: config.dest_dir.clone() },
         };
         match rx.call(&hello)? {
             Response::Ready { version } if version == PROTOCOL_VERSION => Ok(rx),
@@ -175,20 +151,14 @@ impl Receiver {
 
     fn with_exit_status(&mut self, e: anyhow::Error) -> anyhow::Error {
         match self.child.try_wait() {
-            Ok(Some(status)) if !status.success() => {
-                e.context(format!("the receiver exited with {status}"))
-            }
+            Ok(Some(status)) if !status.success() => e.context(format!("the receiver exited with {status}")),
             _ => e,
         }
     }
 
     /// Closes the receiver's input and waits for it to exit cleanly.
     pub fn finish(self) -> Result<()> {
-        let Receiver {
-            mut child,
-            requests,
-            responses,
-        } = self;
+        let Receiver { mut child, requests, responses } = self;
         drop(requests);
         drop(responses);
         let status = child.wait().context("waiting for the receiver")?;
@@ -201,11 +171,7 @@ impl Receiver {
     /// Splits off the two halves for pipelined use (receive/verify): one
     /// thread sends requests while another reads answers.
     pub fn split(self) -> (RequestSink, ResponseSource, ReceiverProcess) {
-        let Receiver {
-            child,
-            requests,
-            responses,
-        } = self;
+        let Receiver { child, requests, responses } = self;
         (requests, responses, ReceiverProcess { child })
     }
 }
@@ -257,55 +223,14 @@ mod tests {
     #[test]
     fn qrexec_argv() {
         let argv = receiver_argv(&DestVm::Qubes("backup".into())).expect("argv");
-        assert_eq!(
-            argv,
-            [
-                "qvm-run",
-                "--pass-io",
-                "--service",
-                "backup",
-                "qubes.SparsebakStore"
-            ]
-        );
+        assert_eq!(argv, ["qvm-run", "--pass-io", "--service", "backup", "qubes.SparsebakStore"]);
     }
 
     #[test]
     fn ssh_argv_keeps_target_out_of_options() {
-        let argv = receiver_argv(&DestVm::Ssh {
-            target: "bak@host".into(),
-            port: Some(2222),
-        })
-        .expect("argv");
-        assert_eq!(
-            argv,
-            [
-                "ssh",
-                "-o",
-                "BatchMode=yes",
-                "-p",
-                "2222",
-                "--",
-                "bak@host",
-                "sparsebak-vm",
-                "serve"
-            ]
-        );
-        let argv = receiver_argv(&DestVm::Ssh {
-            target: "bak@host".into(),
-            port: None,
-        })
-        .expect("argv");
-        assert_eq!(
-            argv,
-            [
-                "ssh",
-                "-o",
-                "BatchMode=yes",
-                "--",
-                "bak@host",
-                "sparsebak-vm",
-                "serve"
-            ]
-        );
+        let argv = receiver_argv(&DestVm::Ssh { target: "bak@host".into(), port: Some(2222) }).expect("argv");
+        assert_eq!(argv, ["ssh", "-o", "BatchMode=yes", "-p", "2222", "--", "bak@host", "sparsebak-vm", "serve"]);
+        let argv = receiver_argv(&DestVm::Ssh { target: "bak@host".into(), port: None }).expect("argv");
+        assert_eq!(argv, ["ssh", "-o", "BatchMode=yes", "--", "bak@host", "sparsebak-vm", "serve"]);
     }
 }

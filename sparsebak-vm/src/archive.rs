@@ -29,11 +29,13 @@ impl Archive {
         names::validate_dest_dir(&dest.dir)?;
         let mount = Path::new(&dest.mountpoint);
         if !crate::mounts::is_mount_point(mount)? {
-            bail!("destination {} is not a mount point; refusing to write (is the backup disk mounted?)", mount.display());
+            bail!(
+                "destination {} is not a mount point; refusing to write (is the backup disk mounted?)",
+                mount.display()
+            );
         }
         let root = mount.join(&dest.dir);
-        std::fs::create_dir_all(&root)
-            .with_context(|| format!("creating archive folder {}", root.display()))?;
+        std::fs::create_dir_all(&root).with_context(|| format!("creating archive folder {}", root.display()))?;
         Ok(Archive { root })
     }
 
@@ -84,10 +86,7 @@ mod tests {
     #[test]
     fn chunk_paths_group_by_address_prefix() {
         let p = chunk_path(Path::new("/a/S_20260101-000000"), 0x1_2345_6789_0000);
-        assert_eq!(
-            p,
-            Path::new("/a/S_20260101-000000/000123456/x0001234567890000")
-        );
+        assert_eq!(p, Path::new("/a/S_20260101-000000/000123456/x0001234567890000"));
         let p = chunk_path(Path::new("/s"), 0);
         assert_eq!(p, Path::new("/s/000000000/x0000000000000000"));
     }

@@ -29,19 +29,17 @@ const EXIT_FAILURE: i32 = 1;
 
 fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Serve => serve::serve_stdio(),
-        Command::Version => {
-            println!(
-                "sparsebak-vm {} (protocol {})",
-                env!("CARGO_PKG_VERSION"),
-                sparsebak_proto::PROTOCOL_VERSION
-            );
-            Ok(())
+    match cli.command {
+        Command::Serve => {
+            if let Err(e) = serve::serve_stdio() {
+                if !e.reported {
+                    eprintln!("sparsebak-vm: {:#}", e.error);
+                }
+                std::process::exit(EXIT_FAILURE);
+            }
         }
-    };
-    if let Err(e) = result {
-        eprintln!("sparsebak-vm: {e:#}");
-        std::process::exit(EXIT_FAILURE);
+        Command::Version => {
+            println!("sparsebak-vm {} (protocol {})", env!("CARGO_PKG_VERSION"), sparsebak_proto::PROTOCOL_VERSION);
+        }
     }
 }

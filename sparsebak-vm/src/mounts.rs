@@ -7,16 +7,10 @@ use std::path::Path;
 
 /// True when `path` is listed as a mount point in /proc/self/mountinfo.
 pub fn is_mount_point(path: &Path) -> Result<bool> {
-    let canonical = path
-        .canonicalize()
-        .with_context(|| format!("destination mount point {}", path.display()))?;
-    let table =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let canonical = path.canonicalize().with_context(|| format!("destination mount point {}", path.display()))?;
+    let table = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     let want = canonical.to_string_lossy();
-    Ok(table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|field| unescape_octal(field) == want))
+    Ok(table.lines().filter_map(|line| line.split(' ').nth(4)).any(|field| unescape_octal(field) == want))
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -25,15 +19,8 @@ fn unescape_octal(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let v = bytes[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let v = bytes[i + 1..i + 4].iter().fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
             out.push(v as u8);
             i += 4;
         } else {

@@ -13,20 +13,21 @@ use std::io::{BufReader, BufWriter, Read, Write};
 /// with room for the message header.
 const MAX_CHUNK_FILE: u64 = (sparsebak_proto::MAX_FRAME - 64) as u64;
 
-pub fn serve_stdio() -> Result<()> {
-    let stdin = std::io::stdin().lock();
-    let stdout = std::io::stdout().lock();
-    serve(
-        BufReader::with_capacity(1 << 20, stdin),
-        BufWriter::with_capacity(1 << 20, stdout),
-    )
+/// A failed conversation; `reported` when dom0 already got the message (so
+/// it is not printed twice on the user's terminal).
+pub struct ServeError {
+    pub error: anyhow::Error,
+    pub reported: bool,
 }
 
-pub fn serve<R: Read, W: Write>(mut input: R, mut output: W) -> Result<()> {
-    let mut server = Server {
-        archive: None,
-        writer: None,
-    };
+pub fn serve_stdio() -> Result<(), ServeError> {
+    let stdin = std::io::stdin().lock();
+    let stdout = std::io::stdout().lock();
+    serve(BufReader::with_capacity(1 << 20, stdin), BufWriter::with_capacity(1 << 20, stdout))
+}
+
+pub fn serve<R: Read, W: Write>(mut input: R, mut output: W) -> Result<(), ServeError> {
+    let mut server = Server { archive: None, writer: None };
     loop {
         let req: Request = match read_msg(&mut input) {
             Ok(Some(req)) => req,
@@ -50,10 +51,9 @@ pub fn serve<R: Read, W: Write>(mut input: R, mut output: W) -> Result<()> {
 }
 
 /// Tells dom0 why we stop, then returns the error for our exit status.
-fn fail<W: Write>(output: &mut W, e: anyhow::Error) -> Result<()> {
-    let _ = write_msg(output, &Response::Error(format!("{e:#}")));
-    let _ = output.flush();
-    Err(e)
+fn fail<W: Write>(output: &mut W, error: anyhow::Error) -> Result<(), ServeError> {
+    let reported = write_msg(output, &Response::Error(format!("{error:#}"))).is_ok() && output.flush().is_ok();
+    Err(ServeError { error, reported })
 }
 
 struct Server {
@@ -63,15 +63,11 @@ struct Server {
 
 impl Server {
     fn archive(&self) -> Result<&Archive> {
-        self.archive
-            .as_ref()
-            .context("protocol error: request before Hello")
+        self.archive.as_ref().context("protocol error: request before Hello")
     }
 
     fn writer(&mut self) -> Result<&mut SessionWriter> {
-        self.writer
-            .as_mut()
-            .context("protocol error: no open session")
+        self.writer.as_mut().context("protocol error: no open session")
     }
 
     fn handle(&mut self, req: Request) -> Result<Option<Response>> {
@@ -84,13 +80,9 @@ impl Server {
                     bail!("protocol error: second Hello");
                 }
                 self.archive = Some(Archive::open(&dest)?);
-                Some(Response::Ready {
-                    version: PROTOCOL_VERSION,
-                })
+                Some(Response::Ready { version: PROTOCOL_VERSION })
             }
-            Request::ListSessions { volume } => {
-                Some(Response::Sessions(self.archive()?.list_sessions(&volume)?))
-            }
+            Request::ListSessions { volume } => Some(Response::Sessions(self.archive()?.list_sessions(&volume)?)),
             Request::BeginSession { volume, session } => {
                 if self.writer.is_some() {
                     bail!("protocol error: a session is already open");
@@ -110,17 +102,10 @@ impl Server {
                 None
             }
             Request::Commit => {
-                self.writer
-                    .take()
-                    .context("protocol error: commit without a session")?
-                    .commit()?;
+                self.writer.take().context("protocol error: commit without a session")?.commit()?;
                 Some(Response::Done)
             }
-            Request::ReadChunk {
-                volume,
-                session,
-                addr,
-            } => {
+            Request::ReadChunk { volume, session, addr } => {
                 let dir = self.archive()?.session_dir(&volume, &session)?;
                 Some(match read_chunk_file(&chunk_path(&dir, addr)) {
                     Ok(data) => Response::Chunk(data),
@@ -133,16 +118,11 @@ impl Server {
 
 fn read_chunk_file(path: &std::path::Path) -> Result<Vec<u8>> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len = f
-        .metadata()
-        .with_context(|| format!("stat {}", path.display()))?
-        .len();
+    let len = f.metadata().with_context(|| format!("stat {}", path.display()))?.len();
     if len > MAX_CHUNK_FILE {
         bail!("{} is {len} bytes, larger than any chunk", path.display());
     }
     let mut data = Vec::with_capacity(len as usize);
-    f.take(MAX_CHUNK_FILE)
-        .read_to_end(&mut data)
-        .with_context(|| format!("reading {}", path.display()))?;
+    f.take(MAX_CHUNK_FILE).read_to_end(&mut data).with_context(|| format!("reading {}", path.display()))?;
     Ok(data)
 }

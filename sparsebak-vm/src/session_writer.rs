@@ -49,8 +49,7 @@ impl SessionWriter {
         let path = chunk_path(&self.tmp_dir, addr);
         if let Some(parent) = path.parent() {
             if !self.made_dirs.contains(parent) {
-                fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
+                fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
                 self.made_dirs.insert(parent.to_path_buf());
             }
         }
@@ -59,8 +58,7 @@ impl SessionWriter {
             .create_new(true)
             .open(&path)
             .with_context(|| format!("creating chunk {addr:#018x} at {}", path.display()))?;
-        f.write_all(data)
-            .with_context(|| format!("writing chunk {addr:#018x} at {}", path.display()))
+        f.write_all(data).with_context(|| format!("writing chunk {addr:#018x} at {}", path.display()))
     }
 
     pub fn put_meta(&mut self, file: MetaFile, data: &[u8]) -> Result<()> {
@@ -70,40 +68,26 @@ impl SessionWriter {
         };
         if slot.is_none() {
             let path = self.tmp_dir.join(file.file_name());
-            *slot =
-                Some(File::create(&path).with_context(|| format!("creating {}", path.display()))?);
+            *slot = Some(File::create(&path).with_context(|| format!("creating {}", path.display()))?);
         }
         let f = slot.as_mut().context("metadata file not open")?;
-        f.write_all(data)
-            .with_context(|| format!("writing {} of {}", file.file_name(), self.tmp_dir.display()))
+        f.write_all(data).with_context(|| format!("writing {} of {}", file.file_name(), self.tmp_dir.display()))
     }
 
     /// Durable, then visible. Refuses a session without info and manifest.
     pub fn commit(mut self) -> Result<()> {
         if self.info.is_none() || self.manifest.is_none() {
-            bail!(
-                "refusing to commit {}: info or manifest missing",
-                self.tmp_dir.display()
-            );
+            bail!("refusing to commit {}: info or manifest missing", self.tmp_dir.display());
         }
         self.info = None;
         self.manifest = None;
-        let dir = File::open(&self.tmp_dir)
-            .with_context(|| format!("opening {}", self.tmp_dir.display()))?;
+        let dir = File::open(&self.tmp_dir).with_context(|| format!("opening {}", self.tmp_dir.display()))?;
         nix::unistd::syncfs(dir.as_raw_fd())
             .with_context(|| format!("syncing the filesystem of {}", self.tmp_dir.display()))?;
-        fs::rename(&self.tmp_dir, &self.final_dir).with_context(|| {
-            format!(
-                "renaming {} to {}",
-                self.tmp_dir.display(),
-                self.final_dir.display()
-            )
-        })?;
+        fs::rename(&self.tmp_dir, &self.final_dir)
+            .with_context(|| format!("renaming {} to {}", self.tmp_dir.display(), self.final_dir.display()))?;
         self.committed = true;
-        let parent = self
-            .final_dir
-            .parent()
-            .context("session folder has no parent")?;
+        let parent = self.final_dir.parent().context("session folder has no parent")?;
         fsync_dir(parent)
     }
 }
@@ -129,15 +113,12 @@ fn remove_stale_tmp(vol_dir: &Path) -> Result<()> {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if name.starts_with("S_") && name.ends_with(TMP_SUFFIX) {
-            fs::remove_dir_all(entry.path())
-                .with_context(|| format!("removing stale {}", entry.path().display()))?;
+            fs::remove_dir_all(entry.path()).with_context(|| format!("removing stale {}", entry.path().display()))?;
         }
     }
     Ok(())
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing folder {}", dir.display()))
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing folder {}", dir.display()))
 }

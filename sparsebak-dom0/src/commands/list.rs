@@ -18,10 +18,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
                 None => "not configured",
             };
             let latest = sessions.last().map_or("-", |s| s.date_time());
-            println!(
-                "{name}  sessions={}  latest={latest}  ({configured})",
-                sessions.len()
-            );
+            println!("{name}  sessions={}  latest={latest}  ({configured})", sessions.len());
         }
         return Ok(());
     }
@@ -30,10 +27,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         let vm = meta.volume(&ctx.pool_dir, name);
         let sessions = vm.sessions()?;
         if sessions.is_empty() {
-            anyhow::bail!(
-                "volume {name:?} has no sessions in {}",
-                ctx.config.meta_dir.display()
-            );
+            anyhow::bail!("volume {name:?} has no sessions in {}", ctx.config.meta_dir.display());
         }
         if ctx.cli.volumes.len() > 1 {
             println!("{name}:");

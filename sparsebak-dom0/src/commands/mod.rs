@@ -19,29 +19,18 @@ pub struct Ctx<'a> {
 
 impl Ctx<'_> {
     pub fn volume_ref(&self, name: &str) -> VolumeRef {
-        VolumeRef {
-            pool: self.pool_dir.clone(),
-            name: name.to_string(),
-        }
+        VolumeRef { pool: self.pool_dir.clone(), name: name.to_string() }
     }
 
     /// The `--session` option, parsed.
     pub fn session_option(&self) -> Result<Option<SessionId>> {
-        self.cli
-            .session
-            .as_deref()
-            .map(SessionId::from_user)
-            .transpose()
+        self.cli.session.as_deref().map(SessionId::from_user).transpose()
     }
 }
 
 pub fn run(cli: &Cli) -> Result<()> {
     if cli.command == CommandName::Version {
-        println!(
-            "sparsebak {} (protocol {})",
-            env!("CARGO_PKG_VERSION"),
-            sparsebak_proto::PROTOCOL_VERSION
-        );
+        println!("sparsebak {} (protocol {})", env!("CARGO_PKG_VERSION"), sparsebak_proto::PROTOCOL_VERSION);
         return Ok(());
     }
     let config = Config::load(&cli.config)?;
@@ -49,11 +38,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         bail!("LVM thin volumes are not supported by this build yet; use [var] localdir");
     }
     let pool_dir = config.pool_dir()?;
-    let ctx = Ctx {
-        cli,
-        config,
-        pool_dir,
-    };
+    let ctx = Ctx { cli, config, pool_dir };
     match cli.command {
         CommandName::Send => send::run(&ctx),
         CommandName::Receive => restore::run(&ctx, restore::Mode::Receive),

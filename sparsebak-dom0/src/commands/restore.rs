@@ -47,11 +47,7 @@ pub fn run(ctx: &Ctx, mode: Mode) -> Result<()> {
     };
     let output = match mode {
         Mode::Receive => {
-            let path = ctx
-                .cli
-                .save_to
-                .as_deref()
-                .context("receive needs --save-to PATH")?;
+            let path = ctx.cli.save_to.as_deref().context("receive needs --save-to PATH")?;
             Some(prepare_output(path, ctx.cli.unattended)?)
         }
         Mode::Verify => None,
@@ -64,17 +60,11 @@ pub fn run(ctx: &Ctx, mode: Mode) -> Result<()> {
         let vm = meta.volume(&ctx.pool_dir, name);
         let sessions = vm.sessions()?;
         if sessions.is_empty() {
-            bail!(
-                "volume {name:?} has no sessions in {}",
-                ctx.config.meta_dir.display()
-            );
+            bail!("volume {name:?} has no sessions in {}", ctx.config.meta_dir.display());
         }
         let target = match &wanted {
             Some(w) => sessions.iter().position(|s| s == w).ok_or_else(|| {
-                anyhow!(
-                    "volume {name:?} has no session {} (see `sparsebak list {name}`)",
-                    w.date_time()
-                )
+                anyhow!("volume {name:?} has no session {} (see `sparsebak list {name}`)", w.date_time())
             })?,
             None => sessions.len() - 1,
         };
@@ -117,27 +107,16 @@ fn prepare_output(path: &Path, unattended: bool) -> Result<Output> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e).with_context(|| format!("--save-to {}", path.display())),
     };
-    let is_block_device = meta
-        .as_ref()
-        .is_some_and(|m| m.file_type().is_block_device());
+    let is_block_device = meta.as_ref().is_some_and(|m| m.file_type().is_block_device());
     if let Some(m) = &meta {
         if !m.file_type().is_file() && !is_block_device {
-            bail!(
-                "--save-to {} is neither a regular file nor a block device",
-                path.display()
-            );
+            bail!("--save-to {} is neither a regular file nor a block device", path.display());
         }
         if !unattended && !confirm(&format!("Overwrite {}? [y/N] ", path.display()))? {
-            bail!(
-                "not overwriting {} (use -u to overwrite without asking)",
-                path.display()
-            );
+            bail!("not overwriting {} (use -u to overwrite without asking)", path.display());
         }
     }
-    Ok(Output {
-        dest: path.to_path_buf(),
-        is_block_device,
-    })
+    Ok(Output { dest: path.to_path_buf(), is_block_device })
 }
 
 fn confirm(question: &str) -> Result<bool> {
@@ -146,9 +125,7 @@ fn confirm(question: &str) -> Result<bool> {
     }
     eprint!("{question}");
     let mut answer = String::new();
-    std::io::stdin()
-        .read_line(&mut answer)
-        .context("reading the answer")?;
+    std::io::stdin().read_line(&mut answer).context("reading the answer")?;
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
@@ -171,17 +148,9 @@ impl Sink {
             let dev_size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
                 .with_context(|| format!("size of {}", out.dest.display()))?;
             if dev_size < size {
-                bail!(
-                    "block device {} holds {dev_size} bytes, the volume needs {size}",
-                    out.dest.display()
-                );
+                bail!("block device {} holds {dev_size} bytes, the volume needs {size}", out.dest.display());
             }
-            return Ok(Sink {
-                file,
-                tmp: None,
-                dest: out.dest.clone(),
-                zeros: vec![0; chunk_size as usize],
-            });
+            return Ok(Sink { file, tmp: None, dest: out.dest.clone(), zeros: vec![0; chunk_size as usize] });
         }
         let name = out.dest.file_name().context("--save-to has no file name")?;
         let mut tmp_name = std::ffi::OsString::from(".");
@@ -189,14 +158,23 @@ impl Sink {
         tmp_name.push(".sparsebak-tmp");
         let tmp = out.dest.with_file_name(tmp_name);
         let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        file.set_len(size)
-            .with_context(|| format!("sizing {}", tmp.display()))?;
-        Ok(Sink {
-            file,
-            tmp: Some(tmp),
-            dest: out.dest.clone(),
-            zeros: Vec::new(),
-        })
+        file.set_len(size).with_context(|| format!("sizing {}", tmp.display()))?;
+        Ok(Sink { file, tmp: Some(tmp), dest: out.dest.clone(), zeros: Vec::new() })
+    }
+
+    /// Zeros for `[from, to)`: nothing to do in a fresh sparse file; written
+    /// out on a block device, which may hold old data.
+    fn fill_zeros(&self, from: u64, to: u64) -> Result<()> {
+        if self.tmp.is_some() {
+            return Ok(());
+        }
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(self.zeros.len() as u64) as usize;
+            self.write(at, None, n)?;
+            at += n as u64;
+        }
+        Ok(())
     }
 
     fn write(&self, addr: u64, data: Option<&[u8]>, len: usize) -> Result<()> {
@@ -206,20 +184,15 @@ impl Sink {
             None => &self.zeros[..len],
         };
         let target = self.tmp.as_deref().unwrap_or(&self.dest);
-        self.file
-            .write_all_at(bytes, addr)
-            .with_context(|| format!("writing {} at {addr:#x}", target.display()))
+        self.file.write_all_at(bytes, addr).with_context(|| format!("writing {} at {addr:#x}", target.display()))
     }
 
     fn finish(self) -> Result<()> {
         let target = self.tmp.as_deref().unwrap_or(&self.dest).to_path_buf();
-        self.file
-            .sync_all()
-            .with_context(|| format!("syncing {}", target.display()))?;
+        self.file.sync_all().with_context(|| format!("syncing {}", target.display()))?;
         if let Some(tmp) = &self.tmp {
-            std::fs::rename(tmp, &self.dest).with_context(|| {
-                format!("renaming {} to {}", tmp.display(), self.dest.display())
-            })?;
+            std::fs::rename(tmp, &self.dest)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), self.dest.display()))?;
         }
         Ok(())
     }
@@ -245,18 +218,9 @@ struct Checked {
 }
 
 /// Returns `Some(summary)` when chunks failed their checks.
-fn restore_volume(
-    rx: Receiver,
-    job: RestoreJob,
-    output: Option<&Output>,
-) -> Result<Option<String>> {
+fn restore_volume(rx: Receiver, job: RestoreJob, output: Option<&Output>) -> Result<Option<String>> {
     let started = Instant::now();
-    let RestoreJob {
-        volume,
-        info,
-        merged,
-        sessions,
-    } = job;
+    let RestoreJob { volume, info, merged, sessions } = job;
     let target = sessions.last().cloned().context("no session")?;
     let (size, cs) = (info.volume_size, info.chunk_size);
     let (requests, mut responses, mut process) = rx.split();
@@ -264,9 +228,7 @@ fn restore_volume(
     let sender = {
         let volume = volume.clone();
         let sessions = sessions.clone();
-        std::thread::spawn(move || {
-            send_requests(requests, merged, size, &volume, &sessions, order_tx)
-        })
+        std::thread::spawn(move || send_requests(requests, merged, size, &volume, &sessions, order_tx))
     };
     let sink = match output {
         Some(out) => Some(Sink::open(out, size, cs)?),
@@ -274,40 +236,36 @@ fn restore_volume(
     };
 
     let label = format!("{} session {}", volume.name, target.date_time());
-    let mut expected = 0u64;
+    let mut next_addr = 0u64; // where the last entry ended: gaps between entries are zeros
     let mut bad = 0u64;
-    let mut total = 0u64;
-    let mut report = |what: String| {
-        bad += 1;
-        if bad <= REPORT_LIMIT {
-            log::error!("{label}: {what}");
-        }
-    };
-    let jobs = order_rx
-        .into_iter()
-        .map(|entry| fetch(entry?, &mut responses, size, cs));
+    let mut stored = 0u64;
+    let jobs = order_rx.into_iter().map(|entry| fetch(entry?, &mut responses, size, cs));
     let result = pipeline::ordered_map(jobs, pipeline::default_workers(), check, |c: Checked| {
-        total += 1;
-        while expected < c.entry.entry.addr {
-            report(format!(
-                "chunk x{expected:016x}: no manifest entry in dom0's metadata"
-            ));
-            expected += cs;
+        let addr = c.entry.entry.addr;
+        if let Some(s) = &sink {
+            s.fill_zeros(next_addr, addr)?;
         }
-        expected = c.entry.entry.addr + cs;
+        next_addr = addr + c.len as u64;
         match c.outcome {
-            Ok(data) => match &sink {
-                Some(s) => s.write(c.entry.entry.addr, data.as_deref(), c.len),
-                None => Ok(()),
-            },
+            Ok(data) => {
+                stored += u64::from(data.is_some());
+                match &sink {
+                    Some(s) => s.write(addr, data.as_deref(), c.len),
+                    None => Ok(()),
+                }
+            }
             Err(why) => {
-                report(format!(
-                    "chunk x{:016x} (stored in {}): {why}",
-                    c.entry.entry.addr, sessions[c.entry.session]
-                ));
+                bad += 1;
+                if bad <= REPORT_LIMIT {
+                    log::error!("{label}: chunk x{addr:016x} (stored in {}): {why}", sessions[c.entry.session]);
+                }
                 Ok(())
             }
         }
+    })
+    .and_then(|_| match &sink {
+        Some(s) => s.fill_zeros(next_addr, size),
+        None => Ok(()),
     });
     if let Err(e) = result {
         process.kill();
@@ -316,15 +274,7 @@ fn restore_volume(
         }
         return Err(e);
     }
-    while expected < size {
-        report(format!(
-            "chunk x{expected:016x}: no manifest entry in dom0's metadata"
-        ));
-        expected += cs;
-    }
-    let sent = sender
-        .join()
-        .map_err(|_| anyhow!("request sender panicked"));
+    let sent = sender.join().map_err(|_| anyhow!("request sender panicked"));
     let finished = sent.and_then(|r| r).and_then(|_| process.finish());
     if let Err(e) = finished {
         if let Some(s) = sink {
@@ -336,10 +286,7 @@ fn restore_volume(
         if let Some(s) = sink {
             s.discard();
         }
-        return Ok(Some(format!(
-            "{label}: {bad} of {} chunks failed their checks",
-            size.div_ceil(cs)
-        )));
+        return Ok(Some(format!("{label}: {bad} chunk(s) failed their checks")));
     }
     let verb = match sink {
         Some(s) => {
@@ -350,8 +297,8 @@ fn restore_volume(
     };
     let secs = started.elapsed().as_secs_f64();
     log::info!(
-        "{label}: {verb} {} chunks, {} ({:.1} s, {:.0} MB/s)",
-        total,
+        "{label}: {verb} {} stored chunks, {} ({:.1} s, {:.0} MB/s)",
+        stored,
         human_bytes(size),
         secs,
         size as f64 / 1e6 / secs.max(1e-9)
@@ -404,20 +351,13 @@ fn send_requests(
 }
 
 /// Reads the answer for one entry (stored chunks only).
-fn fetch(
-    entry: MergedEntry,
-    responses: &mut ResponseSource,
-    size: u64,
-    cs: u64,
-) -> Result<Fetched> {
+fn fetch(entry: MergedEntry, responses: &mut ResponseSource, size: u64, cs: u64) -> Result<Fetched> {
     let len = cs.min(size - entry.entry.addr) as usize;
     let answer = match entry.entry.state {
         ChunkState::Zero => None,
         ChunkState::Stored { .. } => Some(match responses.recv()? {
             Response::Chunk(data) => Ok(data),
-            Response::ChunkError(why) => {
-                Err(format!("missing or unreadable in the archive ({why})"))
-            }
+            Response::ChunkError(why) => Err(format!("missing or unreadable in the archive ({why})")),
             other => bail!("unexpected answer to read chunk: {}", kind(&other)),
         }),
     };
@@ -428,13 +368,7 @@ fn check(f: Fetched) -> Result<Checked> {
     let outcome = match (f.answer, &f.entry.entry.state) {
         (None, _) => Ok(None),
         (Some(Err(why)), _) => Err(why),
-        (Some(Ok(data)), state) => chunk::unpack(&data, state, f.len)
-            .map(Some)
-            .map_err(|e: ChunkFault| e.to_string()),
+        (Some(Ok(data)), state) => chunk::unpack(&data, state, f.len).map(Some).map_err(|e: ChunkFault| e.to_string()),
     };
-    Ok(Checked {
-        entry: f.entry,
-        len: f.len,
-        outcome,
-    })
+    Ok(Checked { entry: f.entry, len: f.len, outcome })
 }

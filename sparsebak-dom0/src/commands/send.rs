@@ -14,12 +14,10 @@
 //! session.
 
 use super::{human_bytes, Ctx};
-use crate::chunk::{self, ChunkJob, Packed, Previous};
+use crate::chunk::{self, ChunkJob, Packed};
 use crate::config::SourceKind;
 use crate::image::ImageVolume;
-use crate::manifest::{
-    ChunkState, ManifestEntry, ManifestMerge, ManifestReader, ManifestWriter, MergedEntry,
-};
+use crate::manifest::{ChunkState, ManifestEntry, ManifestMerge, ManifestReader, ManifestWriter, MergedEntry};
 use crate::metadir::{write_file_durably, MetaDir, VolumeMeta};
 use crate::pipeline;
 use crate::session::{SessionFormat, SessionId, SessionInfo};
@@ -55,10 +53,7 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, rx: &mut Receiver, name: &str) -> Resu
     let volume = ctx.volume_ref(name);
     let archive_sessions = reconcile(&vm, rx, &volume)?;
     let sessions = vm.sessions()?;
-    let missing: Vec<&SessionId> = sessions
-        .iter()
-        .filter(|s| !archive_sessions.contains(s))
-        .collect();
+    let missing: Vec<&SessionId> = sessions.iter().filter(|s| !archive_sessions.contains(s)).collect();
     let full = !missing.is_empty();
     if full {
         log::warn!(
@@ -69,9 +64,7 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, rx: &mut Receiver, name: &str) -> Resu
     }
     let latest = sessions.last();
     let prev_info = latest.map(|s| vm.info(s)).transpose()?;
-    let chunk_size = prev_info
-        .as_ref()
-        .map_or(ctx.config.chunk_size, |i| i.chunk_size);
+    let chunk_size = prev_info.as_ref().map_or(ctx.config.chunk_size, |i| i.chunk_size);
 
     let SourceKind::Local { dir } = &ctx.config.source else {
         bail!("only image-file volumes are supported");
@@ -79,13 +72,7 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, rx: &mut Receiver, name: &str) -> Resu
     let mut source = ImageVolume::open(&dir.join(name))?;
     let size = source.size();
 
-    let mut previous = PreviousLookup {
-        merged: match (&prev_info, full) {
-            (Some(_), false) => Some(vm.merged(&sessions)?.peekable()),
-            _ => None,
-        },
-        limit: prev_info.as_ref().map_or(0, |i| i.volume_size),
-    };
+    let previous = PreviousLookup { merged: vm.merged(&sessions)?.peekable() };
     let newest_known = sessions.iter().chain(archive_sessions.iter()).max();
     let id = SessionId::next(chrono::Utc::now(), newest_known)?;
     let tmp = vm.tmp_session_dir(&id);
@@ -94,48 +81,27 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, rx: &mut Receiver, name: &str) -> Resu
     let mut tally = Tally::default();
     let mut begun = false;
 
-    let cs = chunk_size;
-    let jobs = (0..size.div_ceil(cs)).map(|i| -> Result<ChunkJob> {
-        let addr = i * cs;
-        let len = cs.min(size - addr) as usize;
-        Ok(ChunkJob {
-            addr,
-            data: source.read_chunk(addr, len)?,
-            previous: previous.at(addr)?,
-        })
-    });
-    pipeline::ordered_map(
-        jobs,
-        pipeline::default_workers(),
-        chunk::pack,
-        |(addr, packed)| {
-            let state = match packed {
-                Packed::Unchanged => return Ok(()),
-                Packed::Zero => {
-                    tally.zeros += 1;
-                    ChunkState::Zero
-                }
-                Packed::Stored {
-                    plain,
-                    stored,
-                    data,
-                } => {
-                    begin_once(rx, &mut begun, &volume, &id)?;
-                    tally.chunks += 1;
-                    tally.bytes += data.len() as u64;
-                    rx.send(&Request::PutChunk { addr, data })?;
-                    ChunkState::Stored { plain, stored }
-                }
-            };
-            manifest.push(&ManifestEntry { addr, state })
-        },
-    )?;
+    let jobs = ScanJobs { source: &mut source, previous, chunk_size, size, next: 0, force_store: full };
+    pipeline::ordered_map(jobs, pipeline::default_workers(), chunk::pack, |(addr, packed)| {
+        let state = match packed {
+            Packed::Unchanged => return Ok(()),
+            Packed::Zero => {
+                tally.zeros += 1;
+                ChunkState::Zero
+            }
+            Packed::Stored { plain, stored, data } => {
+                begin_once(rx, &mut begun, &volume, &id)?;
+                tally.chunks += 1;
+                tally.bytes += data.len() as u64;
+                rx.send(&Request::PutChunk { addr, data })?;
+                ChunkState::Stored { plain, stored }
+            }
+        };
+        manifest.push(&ManifestEntry { addr, state })
+    })?;
     manifest.finish()?;
 
-    if tally.chunks == 0
-        && tally.zeros == 0
-        && prev_info.as_ref().is_some_and(|i| i.volume_size == size)
-    {
+    if tally.chunks == 0 && tally.zeros == 0 && prev_info.as_ref().is_some_and(|i| i.volume_size == size) {
         vm.discard_unfinished(&id)?;
         log::info!("{name}: no changes; no session created");
         return Ok(());
@@ -168,17 +134,9 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, rx: &mut Receiver, name: &str) -> Resu
     Ok(())
 }
 
-fn begin_once(
-    rx: &mut Receiver,
-    begun: &mut bool,
-    volume: &VolumeRef,
-    id: &SessionId,
-) -> Result<()> {
+fn begin_once(rx: &mut Receiver, begun: &mut bool, volume: &VolumeRef, id: &SessionId) -> Result<()> {
     if !*begun {
-        let resp = rx.call(&Request::BeginSession {
-            volume: volume.clone(),
-            session: id.to_string(),
-        })?;
+        let resp = rx.call(&Request::BeginSession { volume: volume.clone(), session: id.to_string() })?;
         expect_done(resp, "begin session")?;
         *begun = true;
     }
@@ -195,36 +153,32 @@ fn expect_done(resp: Response, what: &str) -> Result<()> {
 fn send_meta_file(rx: &mut Receiver, file: MetaFile, path: &std::path::Path) -> Result<()> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut buf = vec![0u8; META_PIECE];
+    // At least one piece, even for an empty manifest, so the file exists.
+    let mut first = true;
     loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 && !first {
             return Ok(());
         }
-        rx.send(&Request::PutMeta {
-            file,
-            data: buf[..n].to_vec(),
-        })?;
+        first = false;
+        rx.send(&Request::PutMeta { file, data: buf[..n].to_vec() })?;
     }
 }
 
 /// Brings dom0's metadata in line with the archive after an interrupted
 /// send, and returns the archive's committed sessions of the volume.
 fn reconcile(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef) -> Result<Vec<SessionId>> {
-    let listed = match rx.call(&Request::ListSessions {
-        volume: volume.clone(),
-    })? {
+    let listed = match rx.call(&Request::ListSessions { volume: volume.clone() })? {
         Response::Sessions(s) => s,
         other => bail!("unexpected answer to list sessions: {}", kind(&other)),
     };
-    let archive: Vec<SessionId> = listed
-        .iter()
-        .filter_map(|s| SessionId::parse(s).ok())
-        .collect();
+    let archive: Vec<SessionId> = listed.iter().filter_map(|s| SessionId::parse(s).ok()).collect();
     for id in vm.unfinished_sessions()? {
         if archive.contains(&id) && vm.tmp_session_dir(&id).join("info").is_file() {
-            log::warn!("{}: adopting session {id}, committed by the receiver before the last run was interrupted", volume.name);
+            log::warn!(
+                "{}: adopting session {id}, committed by the receiver before the last run was interrupted",
+                volume.name
+            );
             vm.promote(&id)?;
         } else {
             vm.discard_unfinished(&id)?;
@@ -232,42 +186,108 @@ fn reconcile(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef) -> Result<V
     }
     let known = vm.sessions()?;
     for s in archive.iter().filter(|s| !known.contains(s)) {
-        log::warn!(
-            "{}: the archive holds session {s} that dom0 has no record of; it is ignored",
-            volume.name
-        );
+        log::warn!("{}: the archive holds session {s} that dom0 has no record of; it is ignored", volume.name);
     }
     Ok(archive)
 }
 
-/// Walks the merged manifest of the last session alongside the scan.
+/// The chunks worth looking at, in address order: those that may hold data
+/// (SEEK_DATA) and those where an older session stored data (they may have
+/// become zero). Everything else is a hole that was already a hole, so a
+/// sparse volume costs what its data costs.
+struct ScanJobs<'a> {
+    source: &'a mut ImageVolume,
+    previous: PreviousLookup,
+    chunk_size: u64,
+    size: u64,
+    next: u64,
+    force_store: bool,
+}
+
+impl ScanJobs<'_> {
+    fn next_job(&mut self) -> Result<Option<ChunkJob>> {
+        let cs = self.chunk_size;
+        if self.next >= self.size {
+            return Ok(None);
+        }
+        let data_at = self.source.next_data(self.next)? / cs * cs;
+        let stored_at = self.previous.next_stored_from(self.next)?;
+        let addr = data_at.min(stored_at).max(self.next);
+        if addr >= self.size {
+            self.next = self.size;
+            return Ok(None);
+        }
+        self.next = addr + cs;
+        let len = cs.min(self.size - addr) as usize;
+        Ok(Some(ChunkJob {
+            addr,
+            data: self.source.read_chunk(addr, len)?,
+            previous: self.previous.at(addr)?,
+            force_store: self.force_store,
+        }))
+    }
+}
+
+impl Iterator for ScanJobs<'_> {
+    type Item = Result<ChunkJob>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let r = self.next_job().transpose();
+        if matches!(r, Some(Err(_))) {
+            self.next = self.size;
+        }
+        r
+    }
+}
+
+/// Walks the merged manifest of the sessions so far alongside the scan.
 struct PreviousLookup {
-    merged: Option<Peekable<ManifestMerge<ManifestReader>>>,
-    /// The last session's volume size: anything at or past it is new.
-    limit: u64,
+    merged: Peekable<ManifestMerge<ManifestReader>>,
 }
 
 impl PreviousLookup {
-    fn at(&mut self, addr: u64) -> Result<Previous> {
-        let Some(merged) = self.merged.as_mut() else {
-            return Ok(Previous::Absent);
-        };
-        if addr >= self.limit {
-            return Ok(Previous::Absent);
+    /// Drops entries before `addr`; the next entry is then at or after it.
+    fn skip_before(&mut self, addr: u64) -> Result<()> {
+        while let Some(peeked) = self.merged.peek() {
+            match peeked {
+                Ok(m) if m.entry.addr >= addr => break,
+                Ok(_) => {
+                    self.merged.next();
+                }
+                Err(_) => {
+                    if let Some(Err(e)) = self.merged.next() {
+                        return Err(e);
+                    }
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// The newest entry at exactly `addr` (`None`: zero so far).
+    fn at(&mut self, addr: u64) -> Result<Option<ChunkState>> {
+        self.skip_before(addr)?;
+        Ok(match self.merged.peek() {
+            Some(Ok(m)) if m.entry.addr == addr => Some(m.entry.state),
+            _ => None,
+        })
+    }
+
+    /// The address of the first stored (non-zero) entry at or after `addr`.
+    fn next_stored_from(&mut self, addr: u64) -> Result<u64> {
+        self.skip_before(addr)?;
         loop {
-            match merged.peek() {
-                Some(Ok(MergedEntry { entry, .. })) if entry.addr < addr => {
-                    merged.next();
+            match self.merged.peek() {
+                None => return Ok(u64::MAX),
+                Some(Ok(MergedEntry { entry, .. })) if matches!(entry.state, ChunkState::Stored { .. }) => {
+                    return Ok(entry.addr)
                 }
-                Some(Ok(MergedEntry { entry, .. })) if entry.addr == addr => {
-                    return Ok(Previous::Known(entry.state))
+                Some(Ok(_)) => {
+                    self.merged.next();
                 }
-                Some(Ok(_)) | None => return Ok(Previous::Absent),
                 Some(Err(_)) => {
-                    return match merged.next() {
-                        Some(Err(e)) => Err(e),
-                        _ => Ok(Previous::Absent),
+                    if let Some(Err(e)) = self.merged.next() {
+                        return Err(e);
                     }
                 }
             }

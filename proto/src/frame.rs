@@ -49,8 +49,7 @@ fn config() -> impl bincode::config::Config {
 /// Encodes `msg` as one frame (length prefix included).
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![0u8; LEN_BYTES];
-    bincode::serde::encode_into_std_write(msg, &mut out, config())
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    bincode::serde::encode_into_std_write(msg, &mut out, config()).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = out.len() - LEN_BYTES;
     if len > MAX_FRAME {
         return Err(FrameError::Oversize(len));
@@ -61,13 +60,10 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 
 /// Decodes one frame's payload; trailing bytes are an error.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    let (msg, used) = bincode::serde::decode_from_slice(payload, config())
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let (msg, used) =
+        bincode::serde::decode_from_slice(payload, config()).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if used != payload.len() {
-        return Err(FrameError::Malformed(format!(
-            "{} trailing bytes after message",
-            payload.len() - used
-        )));
+        return Err(FrameError::Malformed(format!("{} trailing bytes after message", payload.len() - used)));
     }
     Ok(msg)
 }
@@ -124,13 +120,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_clean_eof() {
-        let reqs = vec![
-            Request::PutChunk {
-                addr: 0x20000,
-                data: vec![1, 2, 3],
-            },
-            Request::Commit,
-        ];
+        let reqs = vec![Request::PutChunk { addr: 0x20000, data: vec![1, 2, 3] }, Request::Commit];
         let mut buf = Vec::new();
         for r in &reqs {
             write_msg(&mut buf, r).expect("writes");
@@ -140,17 +130,12 @@ mod tests {
             let got: Request = read_msg(&mut rd).expect("reads").expect("a message");
             assert_eq!(&got, r);
         }
-        assert!(read_msg::<_, Request>(&mut rd)
-            .expect("clean eof")
-            .is_none());
+        assert!(read_msg::<_, Request>(&mut rd).expect("clean eof").is_none());
     }
 
     #[test]
     fn truncated_length_and_payload_are_errors() {
-        let frame = frame_of(&Request::PutChunk {
-            addr: 7,
-            data: vec![9; 100],
-        });
+        let frame = frame_of(&Request::PutChunk { addr: 7, data: vec![9; 100] });
         for cut in [1, 3, 5, frame.len() - 1] {
             let mut rd = &frame[..cut];
             let err = read_msg::<_, Request>(&mut rd).expect_err("truncated");
@@ -180,29 +165,19 @@ mod tests {
         let len = (frame.len() - LEN_BYTES) as u32;
         frame[..LEN_BYTES].copy_from_slice(&len.to_be_bytes());
         let err = read_msg::<_, Request>(&mut &frame[..]).expect_err("trailing");
-        assert!(
-            matches!(err, FrameError::Malformed(ref m) if m.contains("trailing")),
-            "{err}"
-        );
+        assert!(matches!(err, FrameError::Malformed(ref m) if m.contains("trailing")), "{err}");
     }
 
     #[test]
     fn inner_length_larger_than_frame_is_malformed() {
         // PutChunk whose byte vector claims 1 GiB inside a small frame.
-        let mut payload = frame_of(&Request::PutChunk {
-            addr: 1,
-            data: vec![],
-        })[LEN_BYTES..]
-            .to_vec();
+        let mut payload = frame_of(&Request::PutChunk { addr: 1, data: vec![] })[LEN_BYTES..].to_vec();
         payload.pop(); // drop the zero length
         payload.extend_from_slice(&[252, 0, 0, 0, 64]); // varint u32 = 1 GiB
         let mut bytes = (payload.len() as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(&payload);
         let err = read_msg::<_, Request>(&mut &bytes[..]).expect_err("lying length");
-        assert!(
-            matches!(err, FrameError::Malformed(_) | FrameError::Truncated),
-            "{err}"
-        );
+        assert!(matches!(err, FrameError::Malformed(_) | FrameError::Truncated), "{err}");
     }
 
     proptest! {

@@ -18,10 +18,7 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
     if name.starts_with('-') || name.starts_with('.') {
         bail!("invalid volume name {name:?}: must not start with '-' or '.'");
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '_' | '.' | '-')))
-    {
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '_' | '.' | '-'))) {
         bail!("invalid volume name {name:?}: character {c:?} is not allowed");
     }
     Ok(())
@@ -68,10 +65,7 @@ pub fn validate_mountpoint(path: &str) -> Result<()> {
     if !path.starts_with('/') {
         bail!("invalid destination mount point {path:?}: must be absolute");
     }
-    if path
-        .split('/')
-        .any(|p| p == "." || p == ".." || p.chars().any(char::is_control))
-    {
+    if path.split('/').any(|p| p == "." || p == ".." || p.chars().any(char::is_control)) {
         bail!("invalid destination mount point {path:?}: no '.', '..' or control characters");
     }
     Ok(())
@@ -94,17 +88,7 @@ mod tests {
         for ok in ["vm-untrusted-private", "a", "x+y_z.1", "root"] {
             assert!(validate_volume_name(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "..",
-            ".hidden",
-            "-opt",
-            "a/b",
-            "a b",
-            "a\0b",
-            "é",
-            &"x".repeat(113),
-        ] {
+        for bad in ["", "..", ".hidden", "-opt", "a/b", "a b", "a\0b", "é", &"x".repeat(113)] {
             assert!(validate_volume_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -30,7 +30,7 @@ impl Archive {
         let mount = Path::new(&dest.mountpoint);
         if !crate::mounts::is_mount_point(mount)? {
             bail!(
-                "destination {} is not a mount point; refusing to write (is the backup disk mounted?)",
+                "destination {} is not a mount point; refusing to use it (is the backup disk mounted?)",
                 mount.display()
             );
         }

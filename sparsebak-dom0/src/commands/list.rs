@@ -27,7 +27,12 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         let vm = meta.volume(&ctx.pool_dir, name);
         let sessions = vm.sessions()?;
         if sessions.is_empty() {
-            anyhow::bail!("volume {name:?} has no sessions in {}", ctx.config.meta_dir.display());
+            // An empty list for a known volume; an error for a typo.
+            if !ctx.config.volumes.iter().any(|(n, _)| n == name) {
+                anyhow::bail!("volume {name:?} is neither configured nor archived");
+            }
+            log::info!("{name}: no sessions yet");
+            continue;
         }
         if ctx.cli.volumes.len() > 1 {
             println!("{name}:");

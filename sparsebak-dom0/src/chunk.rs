@@ -61,30 +61,50 @@ fn compress(data: &[u8]) -> Result<Vec<u8>> {
     })
 }
 
-/// Decides whether a chunk changed, and if so, hashes and compresses it.
-pub fn pack(job: ChunkJob) -> Result<(u64, Packed)> {
-    let packed = match job.data {
+/// Whether a chunk changed, judged by its plaintext hash.
+enum Decision {
+    Unchanged,
+    Zero,
+    Changed { plain: Hash, data: Vec<u8> },
+}
+
+fn decide(job: ChunkJob) -> Decision {
+    let zero_or_unchanged = |previous: Option<ChunkState>| match previous {
+        Some(ChunkState::Stored { .. }) => Decision::Zero,
+        Some(ChunkState::Zero) | None => Decision::Unchanged,
+    };
+    match job.data {
         None => zero_or_unchanged(job.previous),
         Some(data) if is_zero(&data) => zero_or_unchanged(job.previous),
         Some(data) => {
             let plain = sha256(&data);
             let same = matches!(job.previous, Some(ChunkState::Stored { plain: p, .. }) if p == plain);
             if same && !job.force_store {
-                Packed::Unchanged
+                Decision::Unchanged
             } else {
-                let data = compress(&data)?;
-                Packed::Stored { plain, stored: sha256(&data), data }
+                Decision::Changed { plain, data }
             }
         }
-    };
-    Ok((job.addr, packed))
+    }
 }
 
-fn zero_or_unchanged(previous: Option<ChunkState>) -> Packed {
-    match previous {
-        Some(ChunkState::Stored { .. }) => Packed::Zero,
-        Some(ChunkState::Zero) | None => Packed::Unchanged,
-    }
+/// Decides whether a chunk changed, and if so, compresses it.
+pub fn pack(job: ChunkJob) -> Result<(u64, Packed)> {
+    let addr = job.addr;
+    let packed = match decide(job) {
+        Decision::Unchanged => Packed::Unchanged,
+        Decision::Zero => Packed::Zero,
+        Decision::Changed { plain, data } => {
+            let data = compress(&data)?;
+            Packed::Stored { plain, stored: sha256(&data), data }
+        }
+    };
+    Ok((addr, packed))
+}
+
+/// True when the chunk differs from what the archive holds (for resync).
+pub fn differs(job: ChunkJob) -> bool {
+    !matches!(decide(job), Decision::Unchanged)
 }
 
 /// Why a chunk from the archive was rejected.

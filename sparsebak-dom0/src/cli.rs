@@ -50,6 +50,10 @@ pub enum CommandName {
     Verify,
     /// List the sessions of a volume, or all archived volumes.
     List,
+    /// LVM: fold changes since the last run into the delta maps (from a timer).
+    Monitor,
+    /// LVM: mark chunks where VOL.tick differs from the archive's latest session.
+    Resync,
     /// Print the version.
     Version,
 }

@@ -11,6 +11,7 @@ mod lvm;
 mod manifest;
 mod metadir;
 mod pipeline;
+mod scan;
 mod session;
 mod transport;
 

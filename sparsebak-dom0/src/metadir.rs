@@ -48,7 +48,10 @@ impl MetaDir {
     }
 
     pub fn volume(&self, pool_dir: &str, name: &str) -> VolumeMeta {
-        VolumeMeta { dir: self.root.join(pool_dir).join(name) }
+        VolumeMeta {
+            dir: self.root.join(pool_dir).join(name),
+            deltamap: self.root.join(pool_dir).join(format!("{name}.deltamap")),
+        }
     }
 
     /// Names of volumes that have a folder under `pool_dir`.
@@ -77,9 +80,15 @@ impl MetaDir {
 /// One volume's metadata folder.
 pub struct VolumeMeta {
     dir: PathBuf,
+    deltamap: PathBuf,
 }
 
 impl VolumeMeta {
+    /// `META/VG%POOL/VOLUME.deltamap` (LVM volumes).
+    pub fn deltamap_path(&self) -> &Path {
+        &self.deltamap
+    }
+
     /// Committed sessions, oldest first.
     pub fn sessions(&self) -> Result<Vec<SessionId>> {
         let mut out: Vec<SessionId> =

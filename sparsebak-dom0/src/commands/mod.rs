@@ -1,11 +1,14 @@
 //! One file per command; this file dispatches and holds what they share.
 
 mod list;
+mod monitor;
 mod restore;
+mod resync;
 mod send;
 
 use crate::cli::{Cli, CommandName};
 use crate::config::{Config, SourceKind};
+use crate::lvm::commands::ThinPool;
 use crate::session::SessionId;
 use anyhow::{bail, Result};
 use sparsebak_proto::VolumeRef;
@@ -22,6 +25,35 @@ impl Ctx<'_> {
         VolumeRef { pool: self.pool_dir.clone(), name: name.to_string() }
     }
 
+    /// The thin pool of an LVM config, checked to exist; `None` for image
+    /// volumes.
+    pub fn thin_pool(&self) -> Result<Option<ThinPool>> {
+        match &self.config.source {
+            SourceKind::Lvm { vg, pool } => {
+                let p = ThinPool::new(vg, pool)?;
+                p.check()?;
+                Ok(Some(p))
+            }
+            SourceKind::Local { .. } => Ok(None),
+        }
+    }
+
+    /// The thin pool, for commands that only make sense on LVM volumes.
+    pub fn require_thin_pool(&self, command: &str) -> Result<ThinPool> {
+        match self.thin_pool()? {
+            Some(p) => Ok(p),
+            None => bail!("{command} works on LVM thin volumes; image volumes are compared in full by every send"),
+        }
+    }
+
+    /// The chunk size of a volume: its latest session's, else the config's.
+    pub fn chunk_size_of(&self, vm: &crate::metadir::VolumeMeta) -> Result<u64> {
+        Ok(match vm.sessions()?.last() {
+            Some(s) => vm.info(s)?.chunk_size,
+            None => self.config.chunk_size,
+        })
+    }
+
     /// The `--session` option, parsed.
     pub fn session_option(&self) -> Result<Option<SessionId>> {
         self.cli.session.as_deref().map(SessionId::from_user).transpose()
@@ -34,9 +66,6 @@ pub fn run(cli: &Cli) -> Result<()> {
         return Ok(());
     }
     let config = Config::load(&cli.config)?;
-    if let SourceKind::Lvm { .. } = config.source {
-        bail!("LVM thin volumes are not supported by this build yet; use [var] localdir");
-    }
     let pool_dir = config.pool_dir()?;
     let ctx = Ctx { cli, config, pool_dir };
     match cli.command {
@@ -44,6 +73,8 @@ pub fn run(cli: &Cli) -> Result<()> {
         CommandName::Receive => restore::run(&ctx, restore::Mode::Receive),
         CommandName::Verify => restore::run(&ctx, restore::Mode::Verify),
         CommandName::List => list::run(&ctx),
+        CommandName::Monitor => monitor::run(&ctx),
+        CommandName::Resync => resync::run(&ctx),
         CommandName::Version => Ok(()),
     }
 }

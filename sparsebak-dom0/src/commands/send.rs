@@ -14,27 +14,30 @@
 //! session.
 
 use super::{human_bytes, Ctx};
-use crate::chunk::{self, ChunkJob, Packed};
+use crate::chunk::{self, Packed};
 use crate::config::SourceKind;
 use crate::image::ImageVolume;
-use crate::manifest::{ChunkState, ManifestEntry, ManifestMerge, ManifestReader, ManifestWriter, MergedEntry};
+use crate::lvm::commands::ThinPool;
+use crate::lvm::tracking::TrackedVolume;
+use crate::manifest::{ChunkState, ManifestEntry, ManifestWriter};
 use crate::metadir::{write_file_durably, MetaDir, VolumeMeta};
 use crate::pipeline;
+use crate::scan::{Candidates, ScanJobs};
 use crate::session::{SessionFormat, SessionId, SessionInfo};
 use crate::transport::{kind, Receiver};
 use anyhow::{bail, Context, Result};
 use sparsebak_proto::msg::META_PIECE;
 use sparsebak_proto::{MetaFile, Request, Response, VolumeRef};
 use std::io::Read;
-use std::iter::Peekable;
 use std::time::Instant;
 
 pub fn run(ctx: &Ctx) -> Result<()> {
     let names = ctx.config.select_volumes(&ctx.cli.volumes, true)?;
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
+    let pool = ctx.thin_pool()?;
     let mut rx = Receiver::connect(&ctx.config)?;
     for name in &names {
-        send_volume(ctx, &meta, &mut rx, name).with_context(|| format!("sending {name}"))?;
+        send_volume(ctx, &meta, pool.as_ref(), &mut rx, name).with_context(|| format!("sending {name}"))?;
     }
     rx.finish()
 }
@@ -47,7 +50,7 @@ struct Tally {
     zeros: u64,
 }
 
-fn send_volume(ctx: &Ctx, meta: &MetaDir, rx: &mut Receiver, name: &str) -> Result<()> {
+fn send_volume(ctx: &Ctx, meta: &MetaDir, pool: Option<&ThinPool>, rx: &mut Receiver, name: &str) -> Result<()> {
     let started = Instant::now();
     let vm = meta.volume(&ctx.pool_dir, name);
     let volume = ctx.volume_ref(name);
@@ -66,13 +69,26 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, rx: &mut Receiver, name: &str) -> Resu
     let prev_info = latest.map(|s| vm.info(s)).transpose()?;
     let chunk_size = prev_info.as_ref().map_or(ctx.config.chunk_size, |i| i.chunk_size);
 
-    let SourceKind::Local { dir } = &ctx.config.source else {
-        bail!("only image-file volumes are supported");
+    // Where to read and which chunks to look at. For LVM volumes, `tracked`
+    // owns the tock snapshot until the session is committed.
+    let tracked_volume;
+    let mut tracked = None;
+    let (mut source, candidates) = match (&ctx.config.source, pool) {
+        (SourceKind::Lvm { .. }, Some(pool)) => {
+            tracked_volume = TrackedVolume::new(pool, name, vm.deltamap_path());
+            let archived = prev_info.is_some() && !full;
+            let tail_start = prev_info.as_ref().map_or(0, |i| i.volume_size);
+            let mut t = tracked_volume.begin_send(chunk_size, archived, tail_start)?;
+            let candidates = t.take_candidates()?;
+            let source = ImageVolume::open(&t.device()?)?;
+            tracked = Some(t);
+            (source, candidates)
+        }
+        (SourceKind::Local { dir }, _) => (ImageVolume::open(&dir.join(name))?, Candidates::AllData),
+        (SourceKind::Lvm { .. }, None) => bail!("internal error: no thin pool for an LVM volume"),
     };
-    let mut source = ImageVolume::open(&dir.join(name))?;
     let size = source.size();
 
-    let previous = PreviousLookup { merged: vm.merged(&sessions)?.peekable() };
     let newest_known = sessions.iter().chain(archive_sessions.iter()).max();
     let id = SessionId::next(chrono::Utc::now(), newest_known)?;
     let tmp = vm.tmp_session_dir(&id);
@@ -81,7 +97,7 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, rx: &mut Receiver, name: &str) -> Resu
     let mut tally = Tally::default();
     let mut begun = false;
 
-    let jobs = ScanJobs { source: &mut source, previous, chunk_size, size, next: 0, force_store: full };
+    let jobs = ScanJobs::new(&mut source, vm.merged(&sessions)?, candidates, chunk_size, full);
     pipeline::ordered_map(jobs, pipeline::default_workers(), chunk::pack, |(addr, packed)| {
         let state = match packed {
             Packed::Unchanged => return Ok(()),
@@ -103,6 +119,9 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, rx: &mut Receiver, name: &str) -> Resu
 
     if tally.chunks == 0 && tally.zeros == 0 && prev_info.as_ref().is_some_and(|i| i.volume_size == size) {
         vm.discard_unfinished(&id)?;
+        if let Some(t) = tracked {
+            t.finish(chunk_size, size)?;
+        }
         log::info!("{name}: no changes; no session created");
         return Ok(());
     }
@@ -121,6 +140,9 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, rx: &mut Receiver, name: &str) -> Resu
     send_meta_file(rx, MetaFile::Info, &tmp.join("info"))?;
     expect_done(rx.call(&Request::Commit)?, "commit")?;
     vm.promote(&id)?;
+    if let Some(t) = tracked {
+        t.finish(chunk_size, size)?;
+    }
     let secs = started.elapsed().as_secs_f64();
     log::info!(
         "{name}: session {} sent: {} chunks changed, {} stored, {} zero chunks, {:.1} s ({:.0} MB/s scanned)",
@@ -189,108 +211,4 @@ fn reconcile(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef) -> Result<V
         log::warn!("{}: the archive holds session {s} that dom0 has no record of; it is ignored", volume.name);
     }
     Ok(archive)
-}
-
-/// The chunks worth looking at, in address order: those that may hold data
-/// (SEEK_DATA) and those where an older session stored data (they may have
-/// become zero). Everything else is a hole that was already a hole, so a
-/// sparse volume costs what its data costs.
-struct ScanJobs<'a> {
-    source: &'a mut ImageVolume,
-    previous: PreviousLookup,
-    chunk_size: u64,
-    size: u64,
-    next: u64,
-    force_store: bool,
-}
-
-impl ScanJobs<'_> {
-    fn next_job(&mut self) -> Result<Option<ChunkJob>> {
-        let cs = self.chunk_size;
-        if self.next >= self.size {
-            return Ok(None);
-        }
-        let data_at = self.source.next_data(self.next)? / cs * cs;
-        let stored_at = self.previous.next_stored_from(self.next)?;
-        let addr = data_at.min(stored_at).max(self.next);
-        if addr >= self.size {
-            self.next = self.size;
-            return Ok(None);
-        }
-        self.next = addr + cs;
-        let len = cs.min(self.size - addr) as usize;
-        Ok(Some(ChunkJob {
-            addr,
-            data: self.source.read_chunk(addr, len)?,
-            previous: self.previous.at(addr)?,
-            force_store: self.force_store,
-        }))
-    }
-}
-
-impl Iterator for ScanJobs<'_> {
-    type Item = Result<ChunkJob>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let r = self.next_job().transpose();
-        if matches!(r, Some(Err(_))) {
-            self.next = self.size;
-        }
-        r
-    }
-}
-
-/// Walks the merged manifest of the sessions so far alongside the scan.
-struct PreviousLookup {
-    merged: Peekable<ManifestMerge<ManifestReader>>,
-}
-
-impl PreviousLookup {
-    /// Drops entries before `addr`; the next entry is then at or after it.
-    fn skip_before(&mut self, addr: u64) -> Result<()> {
-        while let Some(peeked) = self.merged.peek() {
-            match peeked {
-                Ok(m) if m.entry.addr >= addr => break,
-                Ok(_) => {
-                    self.merged.next();
-                }
-                Err(_) => {
-                    if let Some(Err(e)) = self.merged.next() {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The newest entry at exactly `addr` (`None`: zero so far).
-    fn at(&mut self, addr: u64) -> Result<Option<ChunkState>> {
-        self.skip_before(addr)?;
-        Ok(match self.merged.peek() {
-            Some(Ok(m)) if m.entry.addr == addr => Some(m.entry.state),
-            _ => None,
-        })
-    }
-
-    /// The address of the first stored (non-zero) entry at or after `addr`.
-    fn next_stored_from(&mut self, addr: u64) -> Result<u64> {
-        self.skip_before(addr)?;
-        loop {
-            match self.merged.peek() {
-                None => return Ok(u64::MAX),
-                Some(Ok(MergedEntry { entry, .. })) if matches!(entry.state, ChunkState::Stored { .. }) => {
-                    return Ok(entry.addr)
-                }
-                Some(Ok(_)) => {
-                    self.merged.next();
-                }
-                Some(Err(_)) => {
-                    if let Some(Err(e)) = self.merged.next() {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-    }
 }

@@ -114,6 +114,7 @@ pub struct LvInfo {
 
 impl LvInfo {
     /// Active in the kernel (`lv_attr` position 5 is `a`).
+    #[cfg(test)]
     pub fn is_active(&self) -> bool {
         self.attr.as_bytes().get(4) == Some(&b'a')
     }
@@ -162,10 +163,6 @@ impl ThinPool {
 
     pub fn vg(&self) -> &str {
         &self.vg
-    }
-
-    pub fn pool(&self) -> &str {
-        &self.pool
     }
 
     /// `VG/LV`, checking the LV name.
@@ -355,6 +352,7 @@ impl ThinPool {
     /// The metadata root that is held by a reserved metadata snapshot, or
     /// None. Parsed from `dmsetup status` of the pool: `START LEN thin-pool
     /// TRANSACTION_ID USED/TOTAL_META USED/TOTAL_DATA HELD_ROOT|- ...`.
+    #[cfg(test)]
     pub fn held_metadata_root(&self) -> Result<Option<u64>> {
         let (name, out) = self.pool_status()?;
         parse_held_root(&out)
@@ -369,11 +367,6 @@ impl ThinPool {
     /// Releases a metadata snapshot left reserved (by a killed sparsebak, or
     /// anything else: sparsebak's lock means none of its own is in use).
     /// Returns whether one was released.
-    pub fn release_stale_metadata_snap(&self) -> Result<bool> {
-        let (name, out) = self.pool_status()?;
-        self.release_stale_on(&name, &out)
-    }
-
     fn release_stale_on(&self, name: &str, status: &str) -> Result<bool> {
         let held = parse_held_root(status).with_context(|| format!("status of thin pool {}/{}", self.vg, self.pool))?;
         let Some(root) = held else {
@@ -507,18 +500,6 @@ impl ThinPool {
         released?;
         Ok(ScanResult { summary, left: l, right: r })
     }
-}
-
-/// Convenience for callers that hold plain names: see
-/// [`ThinPool::scan_changes`].
-pub fn scan_changes(
-    vg: &str,
-    pool: &str,
-    tick_lv: &str,
-    tock_lv: &str,
-    on_change: impl FnMut(ChangedRange) -> Result<()>,
-) -> Result<ScanResult> {
-    ThinPool::new(vg, pool)?.scan_changes(tick_lv, tock_lv, on_change)
 }
 
 /// Field 7 of a thin-pool status line: the held metadata root or `-`.

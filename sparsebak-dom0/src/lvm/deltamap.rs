@@ -110,15 +110,13 @@ impl DeltaMap {
         self.chunk_size
     }
 
+    #[cfg(test)]
     /// Number of chunks the map covers.
     pub fn len(&self) -> u64 {
         self.chunks
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.chunks == 0
-    }
-
+    #[cfg(test)]
     /// True when chunk `i` is marked; chunks past the end are unmarked.
     pub fn is_marked(&self, i: u64) -> bool {
         if i >= self.chunks {
@@ -167,6 +165,7 @@ impl DeltaMap {
         Ok(())
     }
 
+    #[cfg(test)]
     /// Marks every chunk (e.g. when the change history was lost).
     pub fn mark_all(&mut self) {
         if self.chunks > 0 {
@@ -178,6 +177,7 @@ impl DeltaMap {
         }
     }
 
+    #[cfg(test)]
     /// Unmarks every chunk (after a committed send).
     pub fn clear(&mut self) {
         self.bits.fill(0);
@@ -198,11 +198,28 @@ impl DeltaMap {
         Ok(())
     }
 
+    /// The first marked chunk at or after `from`, skipping clear bytes.
+    pub fn next_marked(&self, from: u64) -> Option<u64> {
+        if from >= self.chunks {
+            return None;
+        }
+        let first_byte = (from / 8) as usize;
+        let head = self.bits[first_byte] & (0xffu8 << (from % 8));
+        if head != 0 {
+            return Some(first_byte as u64 * 8 + u64::from(head.trailing_zeros()));
+        }
+        self.bits[first_byte + 1..]
+            .iter()
+            .position(|b| *b != 0)
+            .map(|i| (first_byte + 1 + i) as u64 * 8 + u64::from(self.bits[first_byte + 1 + i].trailing_zeros()))
+    }
+
     /// Number of marked chunks.
     pub fn count_marked(&self) -> u64 {
         self.bits.iter().map(|b| u64::from(b.count_ones())).sum()
     }
 
+    #[cfg(test)]
     /// Indices of the marked chunks, ascending. Skips clear bytes quickly, so
     /// a sparse map of a large volume iterates fast.
     pub fn iter_marked(&self) -> impl Iterator<Item = u64> + '_ {

@@ -5,12 +5,12 @@
 //!   (`VOL.deltamap`), crash-safe on disk.
 //! * [`commands`]: lvm / dmsetup / thin_delta invocations (argument vectors
 //!   only) and [`commands::scan_changes`], which ties them together.
-// Nothing calls into this module yet; the send/monitor/resync commands will.
-#![allow(dead_code)]
+//! * [`tracking`]: tick/tock snapshots and the map, for monitor/send/resync.
 
 pub mod commands;
 pub mod deltamap;
 pub mod thin_delta;
+pub mod tracking;
 
 #[cfg(test)]
 mod vm_tests;

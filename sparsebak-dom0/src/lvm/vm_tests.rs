@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::bail;
 
-use super::commands::{scan_changes, ThinPool};
+use super::commands::ThinPool;
 use super::deltamap::DeltaMap;
 use super::thin_delta::{ChangeKind, ChangedRange};
 
@@ -154,7 +154,10 @@ fn thin_pool_in_vm() {
     let e = p.scan_changes(tick, tock, |_| bail!("callback refuses")).expect_err("callback error");
     assert!(format!("{e:#}").contains("callback refuses"), "{e:#}");
     assert_eq!(p.held_metadata_root().expect("status"), None);
-    let e = scan_changes(&vg, &pool_name, tick, "no-such-lv", |_| Ok(())).expect_err("missing");
+    let e = ThinPool::new(&vg, &pool_name)
+        .expect("names")
+        .scan_changes(tick, "no-such-lv", |_| Ok(()))
+        .expect_err("missing");
     assert!(format!("{e:#}").contains("no-such-lv"), "{e:#}");
     let e = p.scan_changes(tick, &big_name, |_| Ok(())).expect_err("pool");
     assert!(format!("{e:#}").contains("not a thin volume"), "{e:#}");

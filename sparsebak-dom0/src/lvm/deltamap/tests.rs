@@ -159,6 +159,7 @@ proptest! {
         prop_assert_eq!(m.count_marked(), want.len() as u64);
         for i in 0..m.len().min(5000) {
             prop_assert_eq!(m.is_marked(i), want.contains(&i));
+            prop_assert_eq!(m.next_marked(i), want.range(i..).next().copied());
         }
         let back = DeltaMap::from_bytes(&m.to_bytes()).expect("roundtrip");
         prop_assert_eq!(back, m);

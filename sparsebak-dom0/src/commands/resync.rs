@@ -1,0 +1,47 @@
+//! `resync VOL...` (LVM): compare `VOL.tick` with the archive's latest
+//! session, as dom0's manifests describe it, and mark every chunk that
+//! differs in the delta map, so the next send brings the archive back in
+//! line (after a lost delta map, or a volume reverted to older content).
+
+use super::Ctx;
+use crate::chunk;
+use crate::image::ImageVolume;
+use crate::lvm::tracking::TrackedVolume;
+use crate::metadir::MetaDir;
+use crate::pipeline;
+use crate::scan::{Candidates, ScanJobs};
+use anyhow::{bail, Result};
+
+pub fn run(ctx: &Ctx) -> Result<()> {
+    let names = ctx.config.select_volumes(&ctx.cli.volumes, true)?;
+    let meta = MetaDir::lock(&ctx.config.meta_dir)?;
+    let pool = ctx.require_thin_pool("resync")?;
+    for name in &names {
+        let vm = meta.volume(&ctx.pool_dir, name);
+        let sessions = vm.sessions()?;
+        let Some(latest) = sessions.last() else {
+            bail!("{name} has never been sent; nothing to resync");
+        };
+        let cs = vm.info(latest)?.chunk_size;
+        let tracked = TrackedVolume::new(&pool, name, vm.deltamap_path());
+        let mut tick = ImageVolume::open(&tracked.tick_device()?)?;
+        let mut map = tracked.map_for_resync(cs, tick.size())?;
+        let before = map.count_marked();
+        let jobs = ScanJobs::new(&mut tick, vm.merged(&sessions)?, Candidates::AllData, cs, false);
+        let work = |job: chunk::ChunkJob| Ok((job.addr, chunk::differs(job)));
+        pipeline::ordered_map(jobs, pipeline::default_workers(), work, |(addr, differs)| {
+            if differs {
+                map.mark(addr / cs)?;
+            }
+            Ok(())
+        })?;
+        tracked.save_map(&map)?;
+        log::info!(
+            "{name}: {} chunks differ from session {}; {} marked for the next send",
+            map.count_marked() - before,
+            latest.date_time(),
+            map.count_marked()
+        );
+    }
+    Ok(())
+}

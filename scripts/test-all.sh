@@ -35,3 +35,4 @@ bash tests/qubes-rpc/policy-test.sh
 
 echo "== LVM thin tests in a VM"
 bash tests/lvm/commands-test.sh
+bash tests/lvm/cycle-test.sh

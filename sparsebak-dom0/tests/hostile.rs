@@ -1,0 +1,120 @@
+//! A hostile receiver: the real `sparsebak-vm` behind a filter that tampers
+//! with every answer after the handshake. dom0 must fail with a clear error,
+//! without writing a wrong byte, and without allocating what a forged frame
+//! length asks for.
+//!
+//! The fake receiver is a script placed next to a copy of `sparsebak`
+//! (which looks for `sparsebak-vm` beside itself first).
+
+mod common;
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Passes the first frame (the handshake) and `keep` more through, then
+/// tampers according to MODE.
+const TAMPER_PY: &str = r#"
+import struct, sys
+mode, keep = sys.argv[1], int(sys.argv[2])
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+n = 0
+while True:
+    head = inp.read(4)
+    if len(head) < 4:
+        break
+    (length,) = struct.unpack(">I", head)
+    payload = inp.read(length)
+    n += 1
+    if n <= 1 + keep:
+        out.write(head + payload); out.flush(); continue
+    if mode == "flip":
+        payload = payload[:-1] + bytes([payload[-1] ^ 1])
+        out.write(head + payload)
+    elif mode == "oversize":
+        out.write(struct.pack(">I", 0xFFFFFFF0)); out.flush(); break
+    elif mode == "garbage":
+        out.write(struct.pack(">I", 16) + bytes([250] * 16)); out.flush(); break
+    elif mode == "truncate":
+        out.write(head + payload[: len(payload) // 2]); out.flush(); break
+    out.flush()
+"#;
+
+struct Hostile {
+    env: Env,
+    bin: PathBuf,
+}
+
+impl Hostile {
+    fn new(mode: &str, keep: u32) -> Hostile {
+        let env = Env::new(64);
+        write_at(&env.image(), 0, &random_bytes(11, 2 * MIB as usize));
+        write_at(&env.image(), 3 * MIB, &text_bytes(5, MIB as usize));
+        env.ok(&["send"]);
+        let dir = env.path("hostile-bin");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let real_sparsebak = PathBuf::from(env!("CARGO_BIN_EXE_sparsebak"));
+        let real_vm = real_sparsebak.with_file_name("sparsebak-vm");
+        let bin = dir.join("sparsebak");
+        std::fs::copy(&real_sparsebak, &bin).expect("copy sparsebak");
+        let py = dir.join("tamper.py");
+        std::fs::write(&py, TAMPER_PY).expect("write tamper.py");
+        let script = format!("#!/bin/sh\n{} \"$@\" | python3 {} {mode} {keep}\n", real_vm.display(), py.display());
+        let fake = dir.join("sparsebak-vm");
+        std::fs::write(&fake, script).expect("write fake receiver");
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Hostile { env, bin }
+    }
+
+    fn run(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(&self.bin).arg("--config").arg(self.env.config()).args(args).output().expect("spawn");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    fn receive_fails(&self, expect: &str) {
+        let dest = self.env.path("out/hostile.img");
+        let save = format!("--save-to={}", dest.display());
+        let (ok, err) = self.run(&["receive", VOL, "-u", &save]);
+        assert!(!ok, "receive from a hostile receiver must fail");
+        assert!(err.contains(expect), "expected {expect:?} in: {err}");
+        assert!(!dest.exists(), "nothing written to the destination");
+        assert_no_files(&self.env.path("out"));
+        let (ok, err) = self.run(&["verify", VOL]);
+        assert!(!ok && err.contains(expect), "verify: {err}");
+    }
+}
+
+fn assert_no_files(dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(dir).expect("dir").flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}
+
+#[test]
+fn flipped_chunk_bytes_are_caught_before_decompression() {
+    Hostile::new("flip", 0).receive_fails("hash mismatch");
+}
+
+#[test]
+fn forged_huge_frame_length_is_refused() {
+    Hostile::new("oversize", 2).receive_fails("exceeds");
+}
+
+#[test]
+fn garbage_answer_is_refused() {
+    Hostile::new("garbage", 1).receive_fails("bad data from the receiver");
+}
+
+#[test]
+fn receiver_dying_mid_frame_is_reported() {
+    Hostile::new("truncate", 3).receive_fails("receiver");
+}
+
+#[test]
+fn tampering_during_send_fails_the_send_without_recording_a_session() {
+    let h = Hostile::new("garbage", 1);
+    write_at(&h.env.image(), 0, &random_bytes(12, 512 * 1024));
+    let before = h.env.sessions();
+    let (ok, err) = h.run(&["send"]);
+    assert!(!ok && err.contains("bad data from the receiver"), "{err}");
+    assert_eq!(h.env.sessions(), before, "no session recorded on a failed send");
+}

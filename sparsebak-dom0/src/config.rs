@@ -7,6 +7,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use sparsebak_proto::names;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub const DEFAULT_CONFIG: &str = "/sparsebak/sparsebak.ini";
 
@@ -14,7 +15,13 @@ pub const DEFAULT_CONFIG: &str = "/sparsebak/sparsebak.ini";
 pub const DEFAULT_CHUNK_SIZE: u64 = 128 * 1024;
 
 /// Keys allowed in `[var]`.
-const VAR_KEYS: &[&str] = &["vgname", "poolname", "localdir", "destvm", "destmountpoint", "destdir", "chunksize"];
+const VAR_KEYS: &[&str] =
+    &["vgname", "poolname", "localdir", "destvm", "destmountpoint", "destdir", "chunksize", "idletimeout"];
+
+/// Default for `[var] idletimeout`: how long dom0 waits for the receiver to
+/// make any progress before giving up (a commit on a slow disk can take a
+/// while, so this is generous).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Where the volumes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +54,8 @@ pub struct Config {
     pub dest_dir: String,
     /// Chunk size for volumes that are new to the archive.
     pub chunk_size: u64,
+    /// `[var] idletimeout` (seconds): see [`DEFAULT_IDLE_TIMEOUT`].
+    pub idle_timeout: Duration,
     /// `[volumes]` in file order: (name, enabled).
     pub volumes: Vec<(String, bool)>,
 }
@@ -97,6 +106,13 @@ impl Config {
             Some(v) => parse_chunk_size(v).context("key \"chunksize\"")?,
         };
 
+        let idle_timeout = match var.get("idletimeout") {
+            None => DEFAULT_IDLE_TIMEOUT,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(secs) if secs > 0 => Duration::from_secs(secs),
+                _ => bail!("key \"idletimeout\": {v:?} is not a positive number of seconds"),
+            },
+        };
         let mut volumes = Vec::new();
         if let Some(vols) = ini.section(Some("volumes")) {
             for (name, value) in vols.iter() {
@@ -121,6 +137,7 @@ impl Config {
             dest_mountpoint,
             dest_dir,
             chunk_size,
+            idle_timeout,
             volumes,
         })
     }

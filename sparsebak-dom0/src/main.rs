@@ -20,8 +20,20 @@ use clap::Parser;
 fn main() {
     let cli = cli::Cli::parse();
     logging::init(cli.quiet, cli.verbose);
+    raise_open_file_limit();
     if let Err(e) = commands::run(&cli) {
         eprintln!("sparsebak: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Merging manifests opens one file per session; a volume backed up several
+/// times an hour has thousands. Raise the soft limit to the hard one.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
     }
 }

@@ -7,10 +7,13 @@
 
 use crate::config::{Config, DestVm};
 use anyhow::{anyhow, bail, Context, Result};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use sparsebak_proto::{read_msg, write_msg, Destination, FrameError, Request, Response, PROTOCOL_VERSION};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
 
 /// The qrexec service the backup VM provides.
 pub const QREXEC_SERVICE: &str = "qubes.SparsebakStore";
@@ -58,12 +61,59 @@ pub struct Receiver {
 
 /// dom0 -> receiver.
 pub struct RequestSink {
-    out: BufWriter<ChildStdin>,
+    out: BufWriter<Idle<ChildStdin>>,
 }
 
 /// receiver -> dom0.
 pub struct ResponseSource {
-    input: BufReader<ChildStdout>,
+    input: BufReader<Idle<ChildStdout>>,
+}
+
+/// A pipe end that fails instead of blocking longer than `limit`: a receiver
+/// that stops reading or answering must not hang dom0 (a timer-driven send
+/// would otherwise pile up behind the lock forever).
+pub struct Idle<T> {
+    inner: T,
+    limit: Duration,
+}
+
+impl<T: AsFd> Idle<T> {
+    fn wait(&self, flags: PollFlags) -> std::io::Result<()> {
+        let ms = u16::try_from(self.limit.as_millis()).unwrap_or(u16::MAX);
+        let deadline = std::time::Instant::now() + self.limit;
+        loop {
+            let mut fds = [PollFd::new(self.inner.as_fd(), flags)];
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(0) if std::time::Instant::now() >= deadline => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no progress from the receiver for {} s (idletimeout)", self.limit.as_secs()),
+                    ))
+                }
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl<T: AsFd + Read> Read for Idle<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.wait(PollFlags::POLLIN)?;
+        self.inner.read(buf)
+    }
+}
+
+impl<T: AsFd + Write> Write for Idle<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.wait(PollFlags::POLLOUT)?;
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 impl RequestSink {
@@ -107,8 +157,12 @@ impl Receiver {
         };
         let mut rx = Receiver {
             child,
-            requests: RequestSink { out: BufWriter::with_capacity(1 << 20, stdin) },
-            responses: ResponseSource { input: BufReader::with_capacity(1 << 20, stdout) },
+            requests: RequestSink {
+                out: BufWriter::with_capacity(1 << 20, Idle { inner: stdin, limit: config.idle_timeout }),
+            },
+            responses: ResponseSource {
+                input: BufReader::with_capacity(1 << 20, Idle { inner: stdout, limit: config.idle_timeout }),
+            },
         };
         let hello = Request::Hello {
             version: PROTOCOL_VERSION,

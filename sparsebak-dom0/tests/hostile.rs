@@ -22,6 +22,8 @@ n = 0
 while True:
     head = inp.read(4)
     if len(head) < 4:
+        if mode == "hang":
+            import time; time.sleep(6)  # stay silent, pipe open, then go away
         break
     (length,) = struct.unpack(">I", head)
     payload = inp.read(length)
@@ -37,6 +39,8 @@ while True:
         out.write(struct.pack(">I", 16) + bytes([250] * 16)); out.flush(); break
     elif mode == "truncate":
         out.write(head + payload[: len(payload) // 2]); out.flush(); break
+    elif mode == "hang":
+        continue  # swallow answers, keep the pipe open until the receiver ends
     out.flush()
 "#;
 
@@ -117,4 +121,15 @@ fn tampering_during_send_fails_the_send_without_recording_a_session() {
     let (ok, err) = h.run(&["send"]);
     assert!(!ok && err.contains("bad data from the receiver"), "{err}");
     assert_eq!(h.env.sessions(), before, "no session recorded on a failed send");
+}
+
+#[test]
+fn silent_receiver_times_out_instead_of_hanging() {
+    let h = Hostile::new("hang", 0);
+    let cfg = std::fs::read_to_string(h.env.config()).expect("config");
+    std::fs::write(h.env.config(), cfg.replace("destdir = backups\n", "destdir = backups\nidletimeout = 2\n"))
+        .expect("config");
+    let started = std::time::Instant::now();
+    h.receive_fails("no progress from the receiver for 2 s");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "gave up in time");
 }

@@ -123,3 +123,40 @@ fn options_may_follow_the_command_and_volume() {
     let version = env.ok(&["version"]);
     assert!(version.contains("sparsebak "), "{version}");
 }
+
+/// A loop device over a file filled with 0xff: receive must write every
+/// byte of the volume, zeros included (a block device has no holes).
+#[test]
+fn receive_onto_a_block_device_overwrites_old_data() {
+    let env = Env::new(64);
+    write_at(&env.image(), 0, &random_bytes(21, MIB as usize));
+    write_at(&env.image(), 3 * MIB, &text_bytes(3, 300_000));
+    set_len(&env.image(), 5 * MIB);
+    env.ok(&["send"]);
+    let backing = env.path("out/backing");
+    std::fs::write(&backing, vec![0xffu8; 8 * MIB as usize]).expect("backing file");
+    let out = std::process::Command::new("losetup").args(["--find", "--show"]).arg(&backing).output().expect("losetup");
+    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let detach = || {
+        let _ = std::process::Command::new("losetup").args(["-d", &dev]).status();
+    };
+    let result = std::panic::catch_unwind(|| {
+        env.ok(&["receive", VOL, "-u", &format!("--save-to={dev}")]);
+        let restored = std::fs::read(&backing).expect("read backing");
+        let image = std::fs::read(env.image()).expect("read image");
+        assert!(restored[..image.len()] == image[..], "device holds the volume, zeros written");
+        assert!(restored[image.len()..].iter().all(|&b| b == 0xff), "bytes past the volume untouched");
+        let small = env.path("out/small");
+        std::fs::write(&small, vec![0u8; MIB as usize]).expect("small");
+        small
+    });
+    detach();
+    let small = result.expect("block device receive");
+    // A device smaller than the volume is refused.
+    let out = std::process::Command::new("losetup").args(["--find", "--show"]).arg(&small).output().expect("losetup");
+    let dev2 = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let err = env.fails(&["receive", VOL, "-u", &format!("--save-to={dev2}")]);
+    let _ = std::process::Command::new("losetup").args(["-d", &dev2]).status();
+    assert!(err.contains("holds") && err.contains("needs"), "{err}");
+}

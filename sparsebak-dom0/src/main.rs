@@ -11,6 +11,7 @@ mod lvm;
 mod manifest;
 mod metadir;
 mod pipeline;
+mod progress;
 mod scan;
 mod session;
 mod transport;
@@ -22,7 +23,8 @@ fn main() {
     logging::init(cli.quiet, cli.verbose);
     raise_open_file_limit();
     if let Err(e) = commands::run(&cli) {
-        eprintln!("sparsebak: {e:#}");
+        // Through the logger, so that a failed unattended run reaches syslog.
+        log::error!("{e:#}");
         std::process::exit(1);
     }
 }

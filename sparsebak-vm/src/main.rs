@@ -3,26 +3,13 @@
 #![forbid(unsafe_code)]
 
 mod archive;
+mod cli;
 mod mounts;
 mod serve;
 mod session_writer;
 
-use clap::{Parser, Subcommand};
-
-#[derive(Parser)]
-#[command(name = "sparsebak-vm", version, about = "sparsebak archive receiver")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Serve one sparsebak agent on stdin/stdout until it closes stdin.
-    Serve,
-    /// Print the version and protocol version.
-    Version,
-}
+use clap::Parser;
+use cli::{Cli, Command};
 
 /// Exit status for failures. qrexec reserves 125-127, so never use those.
 const EXIT_FAILURE: i32 = 1;

@@ -15,6 +15,7 @@ use crate::chunk::{self, ChunkFault};
 use crate::manifest::{ChunkState, MergedEntry};
 use crate::metadir::MetaDir;
 use crate::pipeline;
+use crate::progress::Progress;
 use crate::session::SessionId;
 use crate::transport::{kind, Receiver, RequestSink, ResponseSource};
 use anyhow::{anyhow, bail, Context, Result};
@@ -240,8 +241,10 @@ fn restore_volume(rx: Receiver, job: RestoreJob, output: Option<&Output>) -> Res
     let mut bad = 0u64;
     let mut stored = 0u64;
     let jobs = order_rx.into_iter().map(|entry| fetch(entry?, &mut responses, size, cs));
+    let progress = Progress::bytes(&label, size);
     let result = pipeline::ordered_map(jobs, pipeline::default_workers(), check, |c: Checked| {
         let addr = c.entry.entry.addr;
+        progress.set_position(addr);
         if let Some(s) = &sink {
             s.fill_zeros(next_addr, addr)?;
         }
@@ -267,6 +270,7 @@ fn restore_volume(rx: Receiver, job: RestoreJob, output: Option<&Output>) -> Res
         Some(s) => s.fill_zeros(next_addr, size),
         None => Ok(()),
     });
+    drop(progress);
     if let Err(e) = result {
         process.kill();
         if let Some(s) = sink {

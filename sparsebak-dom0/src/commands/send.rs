@@ -22,6 +22,7 @@ use crate::lvm::tracking::TrackedVolume;
 use crate::manifest::{ChunkState, ManifestEntry, ManifestWriter};
 use crate::metadir::{write_file_durably, MetaDir, VolumeMeta};
 use crate::pipeline;
+use crate::progress::Progress;
 use crate::scan::{Candidates, ScanJobs};
 use crate::session::{SessionFormat, SessionId, SessionInfo};
 use crate::transport::{kind, Receiver};
@@ -98,7 +99,9 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, pool: Option<&ThinPool>, rx: &mut Rece
     let mut begun = false;
 
     let jobs = ScanJobs::new(&mut source, vm.merged(&sessions)?, candidates, chunk_size, full);
+    let progress = Progress::bytes(&format!("send {name}"), size);
     pipeline::ordered_map(jobs, pipeline::default_workers(), chunk::pack, |(addr, packed)| {
+        progress.set_position(addr);
         let state = match packed {
             Packed::Unchanged => return Ok(()),
             Packed::Zero => {
@@ -115,6 +118,7 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, pool: Option<&ThinPool>, rx: &mut Rece
         };
         manifest.push(&ManifestEntry { addr, state })
     })?;
+    drop(progress);
     manifest.finish()?;
 
     if tally.chunks == 0 && tally.zeros == 0 && prev_info.as_ref().is_some_and(|i| i.volume_size == size) {

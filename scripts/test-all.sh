@@ -10,7 +10,8 @@ cd "$root"
 
 echo "== installing test dependencies"
 # qemu, a kernel, busybox, lvm2, thin-provisioning-tools (thin_delta and
-# thin_restore are also used by host-side unit tests), cpio.
+# thin_restore are also used by host-side unit tests), cpio. The packaging
+# test installs openssh and rpm itself (tests/packaging.sh).
 bash tests/vm/setup-vm
 need=()
 command -v fallocate >/dev/null || need+=(util-linux)
@@ -28,6 +29,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build + cargo test (as root: tests mount tmpfs)"
 cargo build --workspace
 cargo test --workspace
+
+echo "== ssh destination (real sshd on 127.0.0.1) and RPM packaging"
+bash tests/packaging.sh
 
 echo "== qrexec wrapper and policy"
 bash tests/qubes-rpc/wrapper-test.sh

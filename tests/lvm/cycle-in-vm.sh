@@ -117,10 +117,13 @@ write_config nopool
 if sb send 2> "$work/err"; then failed=$((failed + 1)); echo "FAILED: send with a missing pool succeeded"; fi
 check "missing pool is named" grep -q "thin pool sbt/nopool not found" "$work/err"
 write_config pool0
-flock "$work/meta/.sparsebak.lock" sleep 5 &
-sleep 1
+# Hold the lock until told to let go (no timing assumptions: the guest is slow).
+held=$work/lock-held
+flock "$work/meta/.sparsebak.lock" sh -c "touch '$held'; while [ -e '$held' ]; do sleep 0.2; done" &
+while [ ! -e "$held" ]; do sleep 0.2; done
 if sb monitor 2> "$work/err"; then failed=$((failed + 1)); echo "FAILED: monitor ran despite the lock"; fi
 check "lock holder is reported" grep -q "another sparsebak is running" "$work/err"
+rm -f "$held"
 wait
 
 umount "$work/archive"

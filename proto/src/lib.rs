@@ -6,6 +6,7 @@
 pub mod frame;
 pub mod msg;
 pub mod names;
+pub mod testhook;
 
 pub use frame::{read_msg, write_msg, FrameError, MAX_FRAME};
-pub use msg::{Destination, MetaFile, Request, Response, VolumeRef, PROTOCOL_VERSION};
+pub use msg::{Destination, MetaFile, Request, Response, StoreFormat, VolumeRef, PROTOCOL_VERSION};

@@ -8,6 +8,10 @@
 //! - `BeginSession` -> `Done`; then `PutChunk` / `PutMeta` get no answer (they
 //!   stream), and `Commit` -> `Done` once the session is durable and visible.
 //! - `ReadChunk` -> `Chunk` or `ChunkError` (non-fatal: the stream goes on).
+//! - Prune (see [`Request::PruneBegin`]): `PruneBegin` -> `Done`; then
+//!   `PruneLink` and `PutMeta` stream without answers; `PruneLinked` ->
+//!   `Linked`; later `PruneFinish` or `PruneAbort` -> `Done`.
+//! - `DeleteVolume` -> `Done`.
 //!
 //! `Error` is fatal: the receiver sends it and exits. Closing the receiver's
 //! stdin ends the conversation; an uncommitted session is then discarded.
@@ -15,7 +19,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape or meaning.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest archive chunk size (uncompressed) either side accepts.
 pub const MAX_CHUNK_SIZE: u64 = 4 << 20;
@@ -63,6 +67,15 @@ impl MetaFile {
     }
 }
 
+/// How a session's chunks are stored in the archive.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFormat {
+    /// One file per chunk, in sub-folders by address prefix.
+    Folders,
+    /// One tar stream holding every chunk of the session (`--tarfile`).
+    Tar,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Hello {
@@ -76,6 +89,7 @@ pub enum Request {
     BeginSession {
         volume: VolumeRef,
         session: String,
+        format: StoreFormat,
     },
     /// One stored chunk of the open session, already compressed by dom0.
     PutChunk {
@@ -95,6 +109,44 @@ pub enum Request {
         session: String,
         addr: u64,
     },
+    /// Starts merging session `pruned` into the next newer session `into`.
+    /// The receiver journals it before changing anything; it refuses while
+    /// another prune of the volume is unsettled.
+    PruneBegin {
+        volume: VolumeRef,
+        pruned: String,
+        into: String,
+    },
+    /// Addresses (increasing) of chunks of `pruned` that survive in `into`.
+    /// Every other chunk of `pruned` goes when the prune finishes.
+    PruneLink {
+        addrs: Vec<u64>,
+    },
+    /// Every address and `into`'s new manifest copy (`PutMeta`) is sent:
+    /// make the chunks appear in `into` (hard links,
+    /// or extraction from a tar session) and make that durable. Answered
+    /// with `Linked`. Until `PruneFinish`, `pruned` stays intact.
+    PruneLinked,
+    /// dom0 committed the merge: install `into`'s new manifest copy (sent
+    /// by `PutMeta` before `PruneLinked`) and `info` (at most
+    /// [`META_PIECE`] bytes), delete `pruned`, drop the journal. Also
+    /// answered `Done` when that already happened.
+    PruneFinish {
+        volume: VolumeRef,
+        pruned: String,
+        into: String,
+        info: Vec<u8>,
+    },
+    /// dom0 did not commit: undo whatever the volume's unsettled prune did
+    /// (remove the added chunks of `into`), drop the journal. `Done` also
+    /// when there is nothing to undo.
+    PruneAbort {
+        volume: VolumeRef,
+    },
+    /// Removes the volume and every session of it from the archive.
+    DeleteVolume {
+        volume: VolumeRef,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -108,6 +160,11 @@ pub enum Response {
     Chunk(Vec<u8>),
     /// The chunk could not be read (missing, unreadable); the receiver goes on.
     ChunkError(String),
+    /// Answer to `PruneLinked`: bytes of the chunks added to `into`. dom0
+    /// uses it only for the `bytes` figure that `list` shows.
+    Linked {
+        bytes: u64,
+    },
     /// Fatal: the receiver stops after sending this.
     Error(String),
 }

@@ -20,8 +20,13 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub save_to: Option<PathBuf>,
 
-    /// receive/verify: the session to use, as YYYYMMDD-HHMMSS (default: latest).
-    #[arg(long, value_name = "DT")]
+    /// send: store the session as one tar file in the archive.
+    #[arg(long)]
+    pub tarfile: bool,
+
+    /// receive/verify: the session to use, as YYYYMMDD-HHMMSS (default:
+    /// latest). prune: the session DT, or every session from DT1 to DT2.
+    #[arg(long, value_name = "DT[,DT]")]
     pub session: Option<String>,
 
     /// Print only errors.
@@ -54,6 +59,11 @@ pub enum CommandName {
     Monitor,
     /// LVM: mark chunks where VOL.tick differs from the archive's latest session.
     Resync,
+    /// Remove sessions (--session DT or DT1,DT2), merging their chunks into
+    /// the next newer session.
+    Prune,
+    /// Remove volumes from the archive and from dom0's metadata.
+    Delete,
     /// Print the version.
     Version,
 }
@@ -75,5 +85,15 @@ mod tests {
         assert!(c.unattended);
         assert_eq!(c.volumes, ["a", "b"]);
         assert!(Cli::try_parse_from(["sparsebak", "explode"]).is_err());
+        let p = Cli::try_parse_from(["sparsebak", "prune", "v", "--session=20260101-000000,20260102-000000"])
+            .expect("parses");
+        assert_eq!(p.command, CommandName::Prune);
+        assert_eq!(p.session.as_deref(), Some("20260101-000000,20260102-000000"));
+        let t = Cli::try_parse_from(["sparsebak", "send", "--tarfile"]).expect("parses");
+        assert!(t.tarfile);
+        assert_eq!(
+            Cli::try_parse_from(["sparsebak", "delete", "-u", "v"]).expect("parses").command,
+            CommandName::Delete
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! ```text
 //! META/.sparsebak.lock                  one sparsebak at a time
 //! META/VG%POOL/VOLUME/S_*/{info,manifest}
+//! META/VG%POOL/VOLUME/prune.journal     (an unsettled prune, see prune_journal.rs)
 //! META/VG%POOL/VOLUME.deltamap          (LVM volumes)
 //! ```
 //!
@@ -54,6 +55,29 @@ impl MetaDir {
         }
     }
 
+    /// Removes a volume's metadata: its sessions, journal and delta map.
+    /// The folder is renamed to `.NAME-deleted` first (not a volume name),
+    /// so a kill midway never leaves a volume with half its sessions.
+    pub fn delete_volume(&self, pool_dir: &str, name: &str) -> Result<()> {
+        let pool = self.root.join(pool_dir);
+        let dir = pool.join(name);
+        let doomed = pool.join(format!(".{name}-deleted"));
+        if doomed.exists() {
+            fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
+        }
+        if dir.exists() {
+            fs::rename(&dir, &doomed).with_context(|| format!("renaming {}", dir.display()))?;
+            fsync_dir(&pool)?;
+            fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
+        }
+        let deltamap = self.volume(pool_dir, name).deltamap;
+        match fs::remove_file(&deltamap) {
+            Ok(()) => fsync_dir(&pool),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", deltamap.display())),
+        }
+    }
+
     /// Names of volumes that have a folder under `pool_dir`.
     pub fn volumes_with_metadata(&self, pool_dir: &str) -> Result<Vec<String>> {
         let dir = self.root.join(pool_dir);
@@ -89,8 +113,20 @@ impl VolumeMeta {
         &self.deltamap
     }
 
-    /// Committed sessions, oldest first.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// True when dom0 has any metadata for the volume.
+    pub fn exists(&self) -> bool {
+        self.dir.is_dir()
+    }
+
+    /// Committed sessions, oldest first. The local half of a committed
+    /// prune that a kill interrupted is completed first, so no reader ever
+    /// sees a half-pruned volume.
     pub fn sessions(&self) -> Result<Vec<SessionId>> {
+        crate::prune_journal::settle_local(self)?;
         let mut out: Vec<SessionId> =
             self.session_dirs()?.into_iter().filter_map(|(id, tmp)| (!tmp).then_some(id)).collect();
         out.sort();

@@ -53,10 +53,17 @@ impl std::fmt::Display for SessionId {
     }
 }
 
-/// Storage format of a session in the archive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionFormat {
-    Folders,
+/// Storage format of a session in the archive (`format=` in `info`).
+pub use sparsebak_proto::StoreFormat as SessionFormat;
+
+impl SessionInfo {
+    /// The format's name, in `info` files and in `list`.
+    pub fn format_name(&self) -> &'static str {
+        match self.format {
+            SessionFormat::Folders => "folders",
+            SessionFormat::Tar => "tar",
+        }
+    }
 }
 
 /// The `info` file of a session: `key=value` lines.
@@ -76,9 +83,7 @@ pub struct SessionInfo {
 
 impl SessionInfo {
     pub fn to_text(&self) -> String {
-        let format = match self.format {
-            SessionFormat::Folders => "folders",
-        };
+        let format = self.format_name();
         let previous = self.previous.as_ref().map_or("none", |p| p.as_str());
         format!(
             "format={format}\nchunksize={}\nvolsize={}\nprevious={previous}\nchunks={}\nbytes={}\nzeros={}\n",
@@ -96,6 +101,7 @@ impl SessionInfo {
         let num = |k: &str| -> Result<u64> { get(k)?.parse().with_context(|| format!("info {k:?}")) };
         let format = match get("format")? {
             "folders" => SessionFormat::Folders,
+            "tar" => SessionFormat::Tar,
             other => bail!("unknown session format {other:?}"),
         };
         let previous = match get("previous")? {
@@ -155,6 +161,8 @@ mod tests {
             zeros: 7,
         };
         assert_eq!(SessionInfo::parse(&info.to_text()).expect("parses"), info);
+        let tar = SessionInfo { format: SessionFormat::Tar, ..info };
+        assert_eq!(SessionInfo::parse(&tar.to_text()).expect("parses"), tar);
         assert!(SessionInfo::parse("format=folders\n").is_err());
     }
 }

@@ -266,6 +266,7 @@ pub fn kind(resp: &Response) -> &'static str {
         Response::Sessions(_) => "Sessions",
         Response::Chunk(_) => "Chunk",
         Response::ChunkError(_) => "ChunkError",
+        Response::Linked { .. } => "Linked",
         Response::Error(_) => "Error",
     }
 }

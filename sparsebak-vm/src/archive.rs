@@ -4,10 +4,13 @@
 //! MOUNT/DIR/VG%POOL/VOLUME/S_YYYYMMDD-HHMMSS/info
 //!                                           /manifest
 //!                                           /<first 9 hex digits>/x<16 hex digits of the byte address>
+//!                                           /chunks.tar   (tar sessions, see `tar.rs`)
 //! ```
 //!
 //! Sessions are written as `S_...-tmp` and renamed on commit. Every path is
 //! built from validated names and integers only, so nothing leaves the root.
+//! A tar session may also hold chunk files: chunks merged into it by prune
+//! are always stored in the folder layout.
 
 use anyhow::{bail, Context, Result};
 use sparsebak_proto::{names, Destination, VolumeRef};
@@ -15,6 +18,10 @@ use std::path::{Path, PathBuf};
 
 /// Suffix of a session folder that is still being written.
 pub const TMP_SUFFIX: &str = "-tmp";
+
+/// Largest chunk file the receiver reads or sends back; matches the frame
+/// cap with room for the message header.
+pub const MAX_CHUNK_FILE: u64 = (sparsebak_proto::MAX_FRAME - 64) as u64;
 
 /// The root of one archive: `MOUNT/DIR`.
 pub struct Archive {
@@ -71,12 +78,38 @@ impl Archive {
         sessions.sort();
         Ok(sessions)
     }
+
+    /// Removes a volume and all its sessions. The folder is first renamed
+    /// to `.NAME-deleted` (never a valid volume name), so a receiver killed
+    /// midway leaves nothing that looks like sessions; a later delete of the
+    /// same volume finishes the removal. Deleting an absent volume is fine.
+    pub fn delete_volume(&self, volume: &VolumeRef) -> Result<()> {
+        let dir = self.volume_dir(volume)?;
+        let pool_dir = self.root.join(&volume.pool);
+        let doomed = pool_dir.join(format!(".{}-deleted", volume.name));
+        if doomed.exists() {
+            std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
+        }
+        match std::fs::rename(&dir, &doomed) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("renaming {}", dir.display())),
+        }
+        crate::durable::fsync_dir(&pool_dir)?;
+        std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))
+    }
+}
+
+/// A chunk's path relative to its session folder:
+/// `<first 9 hex digits>/x<16 hex digits>`. Also its member name in a tar.
+pub fn chunk_rel_path(addr: u64) -> String {
+    let hex = format!("{addr:016x}");
+    format!("{}/x{hex}", &hex[..9])
 }
 
 /// Path of a chunk file inside a session folder.
 pub fn chunk_path(session_dir: &Path, addr: u64) -> PathBuf {
-    let hex = format!("{addr:016x}");
-    session_dir.join(&hex[..9]).join(format!("x{hex}"))
+    session_dir.join(chunk_rel_path(addr))
 }
 
 #[cfg(test)]

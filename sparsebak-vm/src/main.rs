@@ -3,10 +3,14 @@
 #![forbid(unsafe_code)]
 
 mod archive;
+mod chunk_source;
 mod cli;
+mod durable;
 mod mounts;
+mod prune;
 mod serve;
 mod session_writer;
+mod tar;
 
 use clap::Parser;
 use cli::{Cli, Command};

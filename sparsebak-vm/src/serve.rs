@@ -3,15 +3,13 @@
 //! (qrexec does not kill a service whose caller died), and any fatal error is
 //! sent to dom0 as `Response::Error` before exiting non-zero.
 
-use crate::archive::{chunk_path, Archive};
+use crate::archive::Archive;
+use crate::chunk_source::ChunkSource;
+use crate::prune::{self, Prune};
 use crate::session_writer::SessionWriter;
 use anyhow::{anyhow, bail, Context, Result};
 use sparsebak_proto::{read_msg, write_msg, Request, Response, PROTOCOL_VERSION};
 use std::io::{BufReader, BufWriter, Read, Write};
-
-/// Largest chunk file the receiver will send back; matches the frame cap
-/// with room for the message header.
-const MAX_CHUNK_FILE: u64 = (sparsebak_proto::MAX_FRAME - 64) as u64;
 
 /// A failed conversation; `reported` when dom0 already got the message (so
 /// it is not printed twice on the user's terminal).
@@ -27,14 +25,15 @@ pub fn serve_stdio() -> Result<(), ServeError> {
 }
 
 pub fn serve<R: Read, W: Write>(mut input: R, mut output: W) -> Result<(), ServeError> {
-    let mut server = Server { archive: None, writer: None };
+    let mut server = Server { archive: None, writer: None, prune: None, chunks: ChunkSource::default() };
     loop {
         let req: Request = match read_msg(&mut input) {
             Ok(Some(req)) => req,
             Ok(None) => return Ok(()), // dom0 closed the conversation
             Err(e) => return fail(&mut output, anyhow!("reading request: {e}")),
         };
-        let flush_after = !matches!(req, Request::PutChunk { .. } | Request::PutMeta { .. });
+        let flush_after =
+            !matches!(req, Request::PutChunk { .. } | Request::PutMeta { .. } | Request::PruneLink { .. });
         match server.handle(req) {
             Ok(Some(resp)) => {
                 if write_msg(&mut output, &resp).is_err() {
@@ -59,6 +58,9 @@ fn fail<W: Write>(output: &mut W, error: anyhow::Error) -> Result<(), ServeError
 struct Server {
     archive: Option<Archive>,
     writer: Option<SessionWriter>,
+    /// A prune between `PruneBegin` and `PruneLinked`.
+    prune: Option<Prune>,
+    chunks: ChunkSource,
 }
 
 impl Server {
@@ -83,11 +85,11 @@ impl Server {
                 Some(Response::Ready { version: PROTOCOL_VERSION })
             }
             Request::ListSessions { volume } => Some(Response::Sessions(self.archive()?.list_sessions(&volume)?)),
-            Request::BeginSession { volume, session } => {
-                if self.writer.is_some() {
-                    bail!("protocol error: a session is already open");
+            Request::BeginSession { volume, session, format } => {
+                if self.writer.is_some() || self.prune.is_some() {
+                    bail!("protocol error: a session or prune is already open");
                 }
-                self.writer = Some(SessionWriter::begin(self.archive()?, &volume, &session)?);
+                self.writer = Some(SessionWriter::begin(self.archive()?, &volume, &session, format)?);
                 Some(Response::Done)
             }
             Request::PutChunk { addr, data } => {
@@ -98,7 +100,10 @@ impl Server {
                 if data.len() > sparsebak_proto::msg::META_PIECE {
                     bail!("metadata piece of {} bytes is too large", data.len());
                 }
-                self.writer()?.put_meta(file, &data)?;
+                match &mut self.prune {
+                    Some(p) => p.put_meta(file, &data)?,
+                    None => self.writer()?.put_meta(file, &data)?,
+                }
                 None
             }
             Request::Commit => {
@@ -107,22 +112,46 @@ impl Server {
             }
             Request::ReadChunk { volume, session, addr } => {
                 let dir = self.archive()?.session_dir(&volume, &session)?;
-                Some(match read_chunk_file(&chunk_path(&dir, addr)) {
+                Some(match self.chunks.read(&dir, addr) {
                     Ok(data) => Response::Chunk(data),
                     Err(e) => Response::ChunkError(format!("{e:#}")),
                 })
             }
+            Request::PruneBegin { volume, pruned, into } => {
+                if self.writer.is_some() || self.prune.is_some() {
+                    bail!("protocol error: a session or prune is already open");
+                }
+                self.chunks.forget();
+                self.prune = Some(Prune::begin(self.archive()?, &volume, &pruned, &into)?);
+                Some(Response::Done)
+            }
+            Request::PruneLink { addrs } => {
+                self.prune.as_mut().context("protocol error: no prune open")?.add(&addrs)?;
+                None
+            }
+            Request::PruneLinked => {
+                let p = self.prune.take().context("protocol error: no prune open")?;
+                let bytes = p.link(&mut self.chunks)?;
+                Some(Response::Linked { bytes })
+            }
+            Request::PruneFinish { volume, pruned, into, info } => {
+                if info.len() > sparsebak_proto::msg::META_PIECE {
+                    bail!("info of {} bytes is too large", info.len());
+                }
+                self.chunks.forget();
+                prune::finish(self.archive()?, &volume, &pruned, &into, &info)?;
+                Some(Response::Done)
+            }
+            Request::PruneAbort { volume } => {
+                self.chunks.forget();
+                prune::abort(self.archive()?, &volume)?;
+                Some(Response::Done)
+            }
+            Request::DeleteVolume { volume } => {
+                self.chunks.forget();
+                self.archive()?.delete_volume(&volume)?;
+                Some(Response::Done)
+            }
         })
     }
-}
-
-fn read_chunk_file(path: &std::path::Path) -> Result<Vec<u8>> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len = f.metadata().with_context(|| format!("stat {}", path.display()))?.len();
-    if len > MAX_CHUNK_FILE {
-        bail!("{} is {len} bytes, larger than any chunk", path.display());
-    }
-    let mut data = Vec::with_capacity(len as usize);
-    f.take(MAX_CHUNK_FILE).read_to_end(&mut data).with_context(|| format!("reading {}", path.display()))?;
-    Ok(data)
 }

@@ -3,11 +3,14 @@
 //! then renames the folder to its final name and syncs the parent, so a
 //! session is either complete and visible or absent. A writer dropped without
 //! commit removes its folder; a folder left by a killed receiver is removed by
-//! the next `begin` of the same volume.
+//! the next `begin` of the same volume. A tar session's chunks go into one
+//! `chunks.tar` instead of chunk files (see `tar.rs`).
 
 use crate::archive::{chunk_path, Archive, TMP_SUFFIX};
+use crate::durable::fsync_dir;
+use crate::tar::{TarWriter, TAR_FILE};
 use anyhow::{bail, Context, Result};
-use sparsebak_proto::{MetaFile, VolumeRef};
+use sparsebak_proto::{MetaFile, StoreFormat, VolumeRef};
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -19,13 +22,15 @@ pub struct SessionWriter {
     final_dir: PathBuf,
     /// Chunk sub-folders already created (by their 9-digit prefix path).
     made_dirs: HashSet<PathBuf>,
+    /// Where chunks go in a tar session.
+    tar: Option<TarWriter>,
     info: Option<File>,
     manifest: Option<File>,
     committed: bool,
 }
 
 impl SessionWriter {
-    pub fn begin(archive: &Archive, volume: &VolumeRef, session: &str) -> Result<SessionWriter> {
+    pub fn begin(archive: &Archive, volume: &VolumeRef, session: &str, format: StoreFormat) -> Result<SessionWriter> {
         let final_dir = archive.session_dir(volume, session)?;
         let vol_dir = archive.volume_dir(volume)?;
         fs::create_dir_all(&vol_dir).with_context(|| format!("creating {}", vol_dir.display()))?;
@@ -35,10 +40,15 @@ impl SessionWriter {
         remove_stale_tmp(&vol_dir)?;
         let tmp_dir = with_suffix(&final_dir, TMP_SUFFIX);
         fs::create_dir(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
+        let tar = match format {
+            StoreFormat::Folders => None,
+            StoreFormat::Tar => Some(TarWriter::create(&tmp_dir.join(TAR_FILE))?),
+        };
         Ok(SessionWriter {
             tmp_dir,
             final_dir,
             made_dirs: HashSet::new(),
+            tar,
             info: None,
             manifest: None,
             committed: false,
@@ -46,6 +56,9 @@ impl SessionWriter {
     }
 
     pub fn put_chunk(&mut self, addr: u64, data: &[u8]) -> Result<()> {
+        if let Some(tar) = &mut self.tar {
+            return tar.append(addr, data);
+        }
         let path = chunk_path(&self.tmp_dir, addr);
         if let Some(parent) = path.parent() {
             if !self.made_dirs.contains(parent) {
@@ -81,6 +94,9 @@ impl SessionWriter {
         }
         self.info = None;
         self.manifest = None;
+        if let Some(tar) = self.tar.take() {
+            tar.finish()?;
+        }
         let dir = File::open(&self.tmp_dir).with_context(|| format!("opening {}", self.tmp_dir.display()))?;
         nix::unistd::syncfs(dir.as_raw_fd())
             .with_context(|| format!("syncing the filesystem of {}", self.tmp_dir.display()))?;
@@ -117,8 +133,4 @@ fn remove_stale_tmp(vol_dir: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing folder {}", dir.display()))
 }

@@ -1,24 +1,39 @@
-//! `list [VOL...]`: with volumes, one line per session starting with its
-//! `YYYYMMDD-HHMMSS`; without, one line per volume that has sessions.
-//! Reads only dom0's metadata (dom0 never trusts the archive's listing).
+//! `list [VOL...]`: with volumes, one line per session: its
+//! `YYYYMMDD-HHMMSS`, format (folders or tar), volume size, chunks stored
+//! and bytes stored. Without volumes, one line per volume that is archived
+//! or configured, saying whether it is configured, enabled and present on
+//! the source. Reads only dom0's metadata (dom0 never trusts the archive's
+//! listing).
 
 use super::{human_bytes, Ctx};
+use crate::config::SourceKind;
+use crate::lvm::commands::ThinPool;
 use crate::metadir::MetaDir;
 use anyhow::Result;
 
 pub fn run(ctx: &Ctx) -> Result<()> {
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
     if ctx.cli.volumes.is_empty() {
-        for name in meta.volumes_with_metadata(&ctx.pool_dir)? {
+        let mut names = meta.volumes_with_metadata(&ctx.pool_dir)?;
+        names.extend(ctx.config.volumes.iter().map(|(n, _)| n.clone()));
+        names.sort();
+        names.dedup();
+        let pool = ctx.thin_pool()?;
+        for name in names {
             let vm = meta.volume(&ctx.pool_dir, &name);
-            let sessions = vm.sessions()?;
-            let configured = match ctx.config.volumes.iter().find(|(n, _)| *n == name) {
-                Some((_, true)) => "enabled",
-                Some((_, false)) => "disabled",
-                None => "not configured",
+            let sessions = if vm.exists() { vm.sessions()? } else { Vec::new() };
+            let (configured, enabled) = match ctx.config.volumes.iter().find(|(n, _)| *n == name) {
+                Some((_, e)) => (true, *e),
+                None => (false, false),
             };
             let latest = sessions.last().map_or("-", |s| s.date_time());
-            println!("{name}  sessions={}  latest={latest}  ({configured})", sessions.len());
+            println!(
+                "{name}  sessions={}  latest={latest}  configured={}  enabled={}  present={}",
+                sessions.len(),
+                yes_no(configured),
+                yes_no(enabled),
+                yes_no(present_on_source(ctx, pool.as_ref(), &name)?)
+            );
         }
         return Ok(());
     }
@@ -40,13 +55,33 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         for s in sessions {
             let info = vm.info(&s)?;
             println!(
-                "{}  size={}  chunks={}  stored={}",
+                "{}  format={}  size={}  chunks={}  bytes={}  ({})",
                 s.date_time(),
+                info.format_name(),
                 info.volume_size,
                 info.chunks,
+                info.bytes,
                 human_bytes(info.bytes)
             );
         }
     }
     Ok(())
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// Whether the volume exists on the source (an image file, or an LV of
+/// the pool), so users see which archived volumes are gone.
+fn present_on_source(ctx: &Ctx, pool: Option<&ThinPool>, name: &str) -> Result<bool> {
+    Ok(match (&ctx.config.source, pool) {
+        (_, Some(pool)) => pool.lv(name)?.is_some(),
+        (SourceKind::Local { dir }, None) => dir.join(name).exists(),
+        (SourceKind::Lvm { .. }, None) => false,
+    })
 }

@@ -1,7 +1,9 @@
 //! One file per command; this file dispatches and holds what they share.
 
+mod delete;
 mod list;
 mod monitor;
+mod prune;
 mod restore;
 mod resync;
 mod send;
@@ -10,8 +12,9 @@ use crate::cli::{Cli, CommandName};
 use crate::config::{Config, SourceKind};
 use crate::lvm::commands::ThinPool;
 use crate::session::SessionId;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use sparsebak_proto::VolumeRef;
+use std::io::IsTerminal;
 
 /// What every command gets.
 pub struct Ctx<'a> {
@@ -75,6 +78,8 @@ pub fn run(cli: &Cli) -> Result<()> {
         CommandName::List => list::run(&ctx),
         CommandName::Monitor => monitor::run(&ctx),
         CommandName::Resync => resync::run(&ctx),
+        CommandName::Prune => prune::run(&ctx),
+        CommandName::Delete => delete::run(&ctx),
         CommandName::Version => Ok(()),
     }
 }
@@ -93,4 +98,16 @@ pub fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+/// Asks a yes/no question on the terminal; anything but yes (or no
+/// terminal to ask on) is no.
+pub fn confirm(question: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        return Ok(false);
+    }
+    eprint!("{question}");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).context("reading the answer")?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }

@@ -10,7 +10,7 @@
 //! renamed over it only when every chunk checked out, so a failed receive
 //! never leaves a half-restored file behind.
 
-use super::{human_bytes, Ctx};
+use super::{confirm, human_bytes, Ctx};
 use crate::chunk::{self, ChunkFault};
 use crate::manifest::{ChunkState, MergedEntry};
 use crate::metadir::MetaDir;
@@ -21,7 +21,6 @@ use crate::transport::{kind, Receiver, RequestSink, ResponseSource};
 use anyhow::{anyhow, bail, Context, Result};
 use sparsebak_proto::{Request, Response, VolumeRef};
 use std::fs::{File, OpenOptions};
-use std::io::IsTerminal;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, TrySendError};
@@ -118,16 +117,6 @@ fn prepare_output(path: &Path, unattended: bool) -> Result<Output> {
         }
     }
     Ok(Output { dest: path.to_path_buf(), is_block_device })
-}
-
-fn confirm(question: &str) -> Result<bool> {
-    if !std::io::stdin().is_terminal() {
-        return Ok(false);
-    }
-    eprint!("{question}");
-    let mut answer = String::new();
-    std::io::stdin().read_line(&mut answer).context("reading the answer")?;
-    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
 /// A file being restored: temp file + rename for regular files, direct

@@ -97,6 +97,7 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, pool: Option<&ThinPool>, rx: &mut Rece
     let mut manifest = ManifestWriter::create(&tmp.join("manifest"))?;
     let mut tally = Tally::default();
     let mut begun = false;
+    let format = if ctx.cli.tarfile { SessionFormat::Tar } else { SessionFormat::Folders };
 
     let jobs = ScanJobs::new(&mut source, vm.merged(&sessions)?, candidates, chunk_size, full);
     let progress = Progress::bytes(&format!("send {name}"), size);
@@ -109,7 +110,7 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, pool: Option<&ThinPool>, rx: &mut Rece
                 ChunkState::Zero
             }
             Packed::Stored { plain, stored, data } => {
-                begin_once(rx, &mut begun, &volume, &id)?;
+                begin_once(rx, &mut begun, &volume, &id, format)?;
                 tally.chunks += 1;
                 tally.bytes += data.len() as u64;
                 rx.send(&Request::PutChunk { addr, data })?;
@@ -130,7 +131,7 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, pool: Option<&ThinPool>, rx: &mut Rece
         return Ok(());
     }
     let info = SessionInfo {
-        format: SessionFormat::Folders,
+        format,
         chunk_size,
         volume_size: size,
         previous: latest.cloned(),
@@ -139,7 +140,7 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, pool: Option<&ThinPool>, rx: &mut Rece
         zeros: tally.zeros,
     };
     write_file_durably(&tmp.join("info"), info.to_text().as_bytes())?;
-    begin_once(rx, &mut begun, &volume, &id)?;
+    begin_once(rx, &mut begun, &volume, &id, format)?;
     send_meta_file(rx, MetaFile::Manifest, &tmp.join("manifest"))?;
     send_meta_file(rx, MetaFile::Info, &tmp.join("info"))?;
     expect_done(rx.call(&Request::Commit)?, "commit")?;
@@ -160,23 +161,29 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, pool: Option<&ThinPool>, rx: &mut Rece
     Ok(())
 }
 
-fn begin_once(rx: &mut Receiver, begun: &mut bool, volume: &VolumeRef, id: &SessionId) -> Result<()> {
+fn begin_once(
+    rx: &mut Receiver,
+    begun: &mut bool,
+    volume: &VolumeRef,
+    id: &SessionId,
+    format: SessionFormat,
+) -> Result<()> {
     if !*begun {
-        let resp = rx.call(&Request::BeginSession { volume: volume.clone(), session: id.to_string() })?;
+        let resp = rx.call(&Request::BeginSession { volume: volume.clone(), session: id.to_string(), format })?;
         expect_done(resp, "begin session")?;
         *begun = true;
     }
     Ok(())
 }
 
-fn expect_done(resp: Response, what: &str) -> Result<()> {
+pub(super) fn expect_done(resp: Response, what: &str) -> Result<()> {
     match resp {
         Response::Done => Ok(()),
         other => bail!("unexpected answer to {what}: {}", kind(&other)),
     }
 }
 
-fn send_meta_file(rx: &mut Receiver, file: MetaFile, path: &std::path::Path) -> Result<()> {
+pub(super) fn send_meta_file(rx: &mut Receiver, file: MetaFile, path: &std::path::Path) -> Result<()> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut buf = vec![0u8; META_PIECE];
     // At least one piece, even for an empty manifest, so the file exists.

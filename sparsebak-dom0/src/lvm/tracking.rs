@@ -50,6 +50,18 @@ impl<'a> TrackedVolume<'a> {
         format!("{}.tock", self.name)
     }
 
+    /// `delete`: removes whichever of the two snapshots exist (the map
+    /// goes with dom0's metadata).
+    pub fn remove_snapshots(&self) -> Result<()> {
+        let lvs = self.pool.list_lvs()?;
+        for lv in [self.tick(), self.tock()] {
+            if lvs.iter().any(|l| l.name == lv) {
+                self.pool.remove_lv(&lv)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Puts the snapshots back into a known state after an interrupted run.
     /// Returns whether a tick exists afterwards.
     fn recover(&self) -> Result<bool> {

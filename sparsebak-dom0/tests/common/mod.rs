@@ -281,3 +281,40 @@ pub fn append(path: &Path, data: &[u8]) {
     let mut f = OpenOptions::new().append(true).create(true).open(path).expect("open");
     f.write_all(data).expect("append");
 }
+
+impl Env {
+    /// Runs sparsebak with extra environment variables (test hooks).
+    pub fn run_env(&self, args: &[&str], vars: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sparsebak"));
+        cmd.arg("--config").arg(self.config()).args(args);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("spawn sparsebak")
+    }
+
+    /// `list VOL` lines, split into (date-time, fields by key).
+    pub fn session_lines(&self) -> Vec<(String, std::collections::HashMap<String, String>)> {
+        let out = self.run(&["list", VOL]);
+        assert!(out.status.success(), "list failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                let dt = words.next()?.to_string();
+                let fields =
+                    words.filter_map(|w| w.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
+                Some((dt, fields))
+            })
+            .collect()
+    }
+
+    /// Every file under the archive's volume folder and dom0's volume
+    /// folder (relative names), to look for leftovers.
+    pub fn all_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        walk(&self.archive_volume_dir(), &mut out);
+        walk(&self.meta_volume_dir(), &mut out);
+        out
+    }
+}

@@ -1,0 +1,253 @@
+//! `prune --session=DT[,DT] [VOL...]`: removes sessions without rewriting
+//! chunk data. Pruning session P merges it into the next newer session N:
+//! dom0 merges the two manifests itself (the receiver's copies are never
+//! trusted), each chunk of P that N does not override moves into N on the
+//! receiver (hard link, or extraction out of a tar), and the rest of P goes.
+//!
+//! What must hold afterwards: every remaining session restores exactly as
+//! before. The merged manifest N' keeps all of N's entries, plus P's entries
+//! at addresses N lacks, except:
+//! - entries at or beyond the largest volume size of N and every newer
+//!   session are trimmed: no remaining session can see them, and a later
+//!   send that grows the volume compares against the merged view, which
+//!   then says "zero" there. (Trimming at N's own size would be wrong: a
+//!   newer, larger session may rely on P's chunk where N was smaller.)
+//! - P's zero entries are dropped when P is the oldest session: with no
+//!   older session, "absent" already means zero. Otherwise they stay, as
+//!   they hide older data.
+//!
+//! A range is pruned newest first, so each chunk moves at most once. Each
+//! single prune is journaled on both sides (see `prune_journal.rs` and the
+//! receiver's `prune.rs`); an interrupted one is settled (finished or
+//! rolled back) at the start of the next prune or delete of the volume.
+//! Cost: one pass over the manifests of P and N, one link per moved chunk;
+//! nothing proportional to the volume size.
+
+use super::send::{expect_done, send_meta_file};
+use super::Ctx;
+use crate::manifest::{ChunkState, ManifestWriter};
+use crate::metadir::{write_file_durably, MetaDir, VolumeMeta};
+use crate::prune_journal::{self, merged_path, JournalState, PruneJournal};
+use crate::session::{SessionId, SessionInfo};
+use crate::testhook_step as step;
+use crate::transport::{kind, Receiver};
+use anyhow::{bail, Context, Result};
+use sparsebak_proto::{MetaFile, Request, Response, VolumeRef};
+use std::time::Instant;
+
+/// Addresses per `PruneLink` message (8 bytes each, far below the frame cap).
+const LINK_BATCH: usize = 16 * 1024;
+
+pub fn run(ctx: &Ctx) -> Result<()> {
+    let spec = ctx.cli.session.as_deref().context("prune needs --session=DT or --session=DT1,DT2")?;
+    let (from, to) = parse_range(spec)?;
+    let names = match ctx.cli.volumes.is_empty() {
+        true => ctx.config.select_volumes(&[], true)?,
+        false => ctx.cli.volumes.clone(),
+    };
+    let meta = MetaDir::lock(&ctx.config.meta_dir)?;
+    let mut rx = Receiver::connect(&ctx.config)?;
+    let mut pruned = 0;
+    for name in &names {
+        sparsebak_proto::names::validate_volume_name(name)?;
+        let vm = meta.volume(&ctx.pool_dir, name);
+        if !vm.exists() {
+            bail!("volume {name:?} has no sessions in {}", ctx.config.meta_dir.display());
+        }
+        pruned +=
+            prune_volume(&vm, &mut rx, &ctx.volume_ref(name), &from, &to).with_context(|| format!("pruning {name}"))?;
+    }
+    rx.finish()?;
+    if pruned == 0 {
+        bail!("no session was pruned: none matched --session={spec} (see `sparsebak list VOLUME`)");
+    }
+    Ok(())
+}
+
+/// `DT` or `DT1,DT2` (inclusive, in either order).
+fn parse_range(spec: &str) -> Result<(SessionId, SessionId)> {
+    let (a, b) = match spec.split_once(',') {
+        Some((a, b)) => (SessionId::from_user(a.trim())?, SessionId::from_user(b.trim())?),
+        None => (SessionId::from_user(spec.trim())?, SessionId::from_user(spec.trim())?),
+    };
+    Ok(if a <= b { (a, b) } else { (b, a) })
+}
+
+/// Prunes the volume's sessions in `[from, to]`; returns how many.
+fn prune_volume(
+    vm: &VolumeMeta,
+    rx: &mut Receiver,
+    volume: &VolumeRef,
+    from: &SessionId,
+    to: &SessionId,
+) -> Result<usize> {
+    settle(vm, rx, volume)?;
+    let sessions = vm.sessions()?;
+    let mut targets: Vec<SessionId> = sessions.iter().filter(|s| *s >= from && *s <= to).cloned().collect();
+    if targets.last().is_some() && targets.last() == sessions.last() {
+        let newest = targets.pop().context("no target")?;
+        log::warn!("{}: {} is the newest session; the newest session is never pruned", volume.name, newest.date_time());
+    }
+    for p in targets.iter().rev() {
+        let sessions = vm.sessions()?;
+        let i = sessions.iter().position(|s| s == p).context("pruned session vanished")?;
+        prune_one(vm, rx, volume, &sessions, i)?;
+    }
+    Ok(targets.len())
+}
+
+/// What one prune did, for the summary line.
+#[derive(Default)]
+struct Tally {
+    moved: u64,
+    zeros_kept: u64,
+    trimmed: u64,
+    /// Zero entries of the oldest session: "absent" already means zero.
+    zeros_dropped: u64,
+    /// Entries of P that N does not override.
+    p_entries: u64,
+}
+
+/// Merges `sessions[i]` into `sessions[i + 1]`.
+fn prune_one(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef, sessions: &[SessionId], i: usize) -> Result<()> {
+    let started = Instant::now();
+    let (p, n) = (&sessions[i], &sessions[i + 1]);
+    let (p_info, n_info) = (vm.info(p)?, vm.info(n)?);
+    if p_info.chunk_size != n_info.chunk_size {
+        bail!("sessions {p} and {n} have different chunk sizes");
+    }
+    let mut keep_below = 0;
+    for s in &sessions[i + 1..] {
+        keep_below = keep_below.max(vm.info(s)?.volume_size);
+    }
+    let keep_zeros = i > 0;
+
+    let mut journal = PruneJournal { pruned: p.clone(), into: n.clone(), state: JournalState::Prepared };
+    journal.write(vm)?;
+    step("prune journal prepared");
+    let begin = Request::PruneBegin { volume: volume.clone(), pruned: p.to_string(), into: n.to_string() };
+    expect_done(rx.call(&begin)?, "prune begin")?;
+    step("receiver began the prune");
+
+    let manifest_path = merged_path(vm, n, "manifest");
+    let mut manifest = ManifestWriter::create(&manifest_path)?;
+    let mut tally = Tally::default();
+    let mut batch = Vec::with_capacity(LINK_BATCH);
+    for m in vm.merged(&[p.clone(), n.clone()])? {
+        let m = m?;
+        if m.session == 1 {
+            manifest.push(&m.entry)?; // N's own entry wins
+            continue;
+        }
+        tally.p_entries += 1;
+        if m.entry.addr >= keep_below {
+            tally.trimmed += 1;
+            continue;
+        }
+        match m.entry.state {
+            ChunkState::Zero if !keep_zeros => {
+                tally.zeros_dropped += 1;
+                continue;
+            }
+            ChunkState::Zero => tally.zeros_kept += 1,
+            ChunkState::Stored { .. } => {
+                tally.moved += 1;
+                batch.push(m.entry.addr);
+                if batch.len() == LINK_BATCH {
+                    rx.send(&Request::PruneLink { addrs: std::mem::take(&mut batch) })?;
+                }
+            }
+        }
+        manifest.push(&m.entry)?;
+    }
+    if !batch.is_empty() {
+        rx.send(&Request::PruneLink { addrs: batch })?;
+    }
+    manifest.finish()?;
+    send_meta_file(rx, MetaFile::Manifest, &manifest_path)?;
+    step("prune addresses sent");
+    let linked_bytes = match rx.call(&Request::PruneLinked)? {
+        // The receiver's figure only feeds `list`; it cannot exceed P's own.
+        Response::Linked { bytes } => bytes.min(p_info.bytes),
+        other => bail!("unexpected answer to prune linked: {}", kind(&other)),
+    };
+    step("receiver linked");
+
+    let merged_info = SessionInfo {
+        previous: p_info.previous.clone(),
+        chunks: n_info.chunks + tally.moved,
+        bytes: n_info.bytes + linked_bytes,
+        zeros: n_info.zeros + tally.zeros_kept,
+        ..n_info
+    };
+    write_file_durably(&merged_path(vm, n, "info"), merged_info.to_text().as_bytes())?;
+    step("merged info written");
+    journal.state = JournalState::Committed;
+    journal.write(vm)?;
+    step("prune journal committed");
+    prune_journal::settle_local(vm)?;
+    step("local metadata settled");
+    finish_on_receiver(vm, rx, volume, &journal)?;
+    log::info!(
+        "{}: pruned session {} into {}: {} chunks moved, {} superseded, {} trimmed, {} zero entries kept, {} dropped ({:.2} s)",
+        volume.name,
+        p.date_time(),
+        n.date_time(),
+        tally.moved,
+        (p_info.chunks + p_info.zeros).saturating_sub(tally.p_entries),
+        tally.trimmed,
+        tally.zeros_kept,
+        tally.zeros_dropped,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Tells the receiver to finish a committed prune, then drops the journal.
+fn finish_on_receiver(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef, j: &PruneJournal) -> Result<()> {
+    let info_path = vm.session_dir(&j.into).join("info");
+    let info = std::fs::read(&info_path).with_context(|| format!("reading {}", info_path.display()))?;
+    let req =
+        Request::PruneFinish { volume: volume.clone(), pruned: j.pruned.to_string(), into: j.into.to_string(), info };
+    expect_done(rx.call(&req)?, "prune finish")?;
+    step("receiver finished the prune");
+    PruneJournal::remove(vm)?;
+    step("prune journal removed");
+    Ok(())
+}
+
+/// Settles a prune that a kill interrupted: a committed one is finished,
+/// a prepared one rolled back, on both sides.
+pub fn settle(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef) -> Result<()> {
+    let Some(j) = PruneJournal::read(vm)? else {
+        return Ok(());
+    };
+    match j.state {
+        JournalState::Committed => {
+            log::warn!("{}: finishing the interrupted prune of session {}", volume.name, j.pruned.date_time());
+            prune_journal::settle_local(vm)?;
+            finish_on_receiver(vm, rx, volume, &j)
+        }
+        JournalState::Prepared => {
+            log::warn!("{}: rolling back the interrupted prune of session {}", volume.name, j.pruned.date_time());
+            expect_done(rx.call(&Request::PruneAbort { volume: volume.clone() })?, "prune abort")?;
+            prune_journal::discard_merged(vm, &j.into)?;
+            PruneJournal::remove(vm)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let (a, b) = parse_range("20260102-000000,20260101-000000").expect("range");
+        assert_eq!((a.date_time(), b.date_time()), ("20260101-000000", "20260102-000000"));
+        let (a, b) = parse_range("S_20260101-000000").expect("single");
+        assert_eq!(a, b);
+        assert!(parse_range("yesterday").is_err());
+        assert!(parse_range("20260101-000000,").is_err());
+    }
+}

@@ -1,0 +1,69 @@
+//! Reading one stored chunk of a committed session, whatever its format: a
+//! chunk file, or a member of the session's tar. A tar session's index is
+//! built on first use and kept for the next requests; only a few indexes
+//! are kept at once, so memory stays bounded however many sessions a
+//! restore touches.
+
+use crate::archive::{chunk_path, MAX_CHUNK_FILE};
+use crate::tar::{TarIndex, TAR_FILE};
+use anyhow::{bail, Context, Result};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// Tar indexes kept at once (most recently used last).
+const CACHED_SESSIONS: usize = 4;
+
+#[derive(Default)]
+pub struct ChunkSource {
+    /// (session folder, its tar index if it is a tar session).
+    cache: Vec<(PathBuf, Option<Rc<TarIndex>>)>,
+}
+
+impl ChunkSource {
+    /// The stored bytes of chunk `addr` of the session in `session_dir`.
+    /// A tar session's chunk files (merged in by prune) are looked at when
+    /// its tar lacks the address.
+    pub fn read(&mut self, session_dir: &Path, addr: u64) -> Result<Vec<u8>> {
+        if let Some(tar) = self.tar_of(session_dir)? {
+            if let Some(data) = tar.read(addr) {
+                return data;
+            }
+        }
+        read_chunk_file(&chunk_path(session_dir, addr))
+    }
+
+    /// The tar index of a session, or `None` for a folder session.
+    pub fn tar_of(&mut self, session_dir: &Path) -> Result<Option<Rc<TarIndex>>> {
+        if let Some(i) = self.cache.iter().position(|(p, _)| p == session_dir) {
+            let hit = self.cache.remove(i);
+            let tar = hit.1.clone();
+            self.cache.push(hit);
+            return Ok(tar);
+        }
+        let path = session_dir.join(TAR_FILE);
+        let tar = if path.is_file() { Some(Rc::new(TarIndex::open(&path)?)) } else { None };
+        if self.cache.len() >= CACHED_SESSIONS {
+            self.cache.remove(0);
+        }
+        self.cache.push((session_dir.to_path_buf(), tar.clone()));
+        Ok(tar)
+    }
+
+    /// Drops every cached index (sessions were pruned or deleted).
+    pub fn forget(&mut self) {
+        self.cache.clear();
+    }
+}
+
+/// Reads a chunk file, refusing one larger than any chunk.
+pub fn read_chunk_file(path: &Path) -> Result<Vec<u8>> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = f.metadata().with_context(|| format!("stat {}", path.display()))?.len();
+    if len > MAX_CHUNK_FILE {
+        bail!("{} is {len} bytes, larger than any chunk", path.display());
+    }
+    let mut data = Vec::with_capacity(len as usize);
+    f.take(MAX_CHUNK_FILE).read_to_end(&mut data).with_context(|| format!("reading {}", path.display()))?;
+    Ok(data)
+}

@@ -1,0 +1,41 @@
+//! Making changes durable on the receiver: a file replaced atomically, and
+//! folder entries synced, so a kill or a power cut leaves old or new state,
+//! never a mix.
+
+use anyhow::{Context, Result};
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing folder {}", dir.display()))
+}
+
+/// Writes `data` to `path` durably: temp file, fsync, rename, folder fsync.
+pub fn write_file_durably(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("new");
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().with_context(|| format!("writing {}", path.display()))?;
+    match path.parent() {
+        Some(p) => fsync_dir(p),
+        None => Ok(()),
+    }
+}
+
+/// Removes a file durably; an absent file is fine.
+pub fn remove_file_durably(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+    match path.parent() {
+        Some(p) => fsync_dir(p),
+        None => Ok(()),
+    }
+}

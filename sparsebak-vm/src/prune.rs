@@ -1,0 +1,343 @@
+//! The receiver's half of prune: merging session P into the next newer
+//! session N without rewriting chunk data.
+//!
+//! dom0 decides everything (which chunks of P survive, N's new manifest);
+//! the receiver carries it out in two phases, each journaled in the volume
+//! folder, so that a kill at any point leaves every session restorable and
+//! the next run settles the prune one way or the other:
+//!
+//! 1. `begin`/`add`/`link`: the journal (`prune.journal`: P, N, state) is
+//!    written first, the surviving addresses go to `prune.addrs`, then each
+//!    chunk appears in N by hard link (or is extracted from P's tar into
+//!    N's folder layout). P is untouched, and N's manifest does not list the
+//!    new files yet, so both the old and the merged view restore correctly.
+//!    One `syncfs`, then the journal says `linked`.
+//! 2. dom0 commits on its side, then `finish`: N's manifest and info copies
+//!    are replaced, P is renamed to `P-pruned` (no longer a session) and
+//!    removed, the journal goes. Or dom0 never committed, and `abort`
+//!    removes the files that phase 1 added to N.
+//!
+//! Cost: one link (or copy) per surviving chunk of P, one unlink per chunk
+//! of P: never anything proportional to the volume size.
+
+use crate::archive::{chunk_path, Archive};
+use crate::chunk_source::ChunkSource;
+use crate::durable::{fsync_dir, remove_file_durably, write_file_durably};
+use anyhow::{bail, Context, Result};
+use sparsebak_proto::{testhook, MetaFile, VolumeRef};
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+const JOURNAL: &str = "prune.journal";
+const ADDRS: &str = "prune.addrs";
+/// Suffix of N's new manifest copy until `finish` renames it.
+const NEW_SUFFIX: &str = "prune-new";
+/// Suffix of a pruned session folder that is being removed.
+const GONE_SUFFIX: &str = "-pruned";
+
+fn step(what: &str) {
+    testhook::step(testhook::RECEIVER_VAR, what);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Addresses are being collected or chunks linked: not yet durable.
+    Collecting,
+    /// Every surviving chunk is in N, durably.
+    Linked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Journal {
+    pruned: String,
+    into: String,
+    state: State,
+}
+
+impl Journal {
+    fn to_text(&self) -> String {
+        let state = match self.state {
+            State::Collecting => "collecting",
+            State::Linked => "linked",
+        };
+        format!("pruned={}\ninto={}\nstate={state}\n", self.pruned, self.into)
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Journal> {
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+                .with_context(|| format!("prune journal {} lacks {key}", path.display()))
+        };
+        let pruned = field("pruned")?.to_string();
+        let into = field("into")?.to_string();
+        sparsebak_proto::names::validate_session_name(&pruned)?;
+        sparsebak_proto::names::validate_session_name(&into)?;
+        let state = match field("state")? {
+            "collecting" => State::Collecting,
+            "linked" => State::Linked,
+            other => bail!("prune journal {}: unknown state {other:?}", path.display()),
+        };
+        Ok(Journal { pruned, into, state })
+    }
+
+    fn read(vol_dir: &Path) -> Result<Option<Journal>> {
+        let path = vol_dir.join(JOURNAL);
+        match fs::read_to_string(&path) {
+            Ok(text) => Journal::parse(&text, &path).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    fn write(&self, vol_dir: &Path) -> Result<()> {
+        write_file_durably(&vol_dir.join(JOURNAL), self.to_text().as_bytes())
+    }
+}
+
+/// A prune in phase 1.
+pub struct Prune {
+    vol_dir: PathBuf,
+    pruned_dir: PathBuf,
+    into_dir: PathBuf,
+    journal: Journal,
+    addrs: BufWriter<File>,
+    last: Option<u64>,
+    manifest: Option<File>,
+}
+
+impl Prune {
+    pub fn begin(archive: &Archive, volume: &VolumeRef, pruned: &str, into: &str) -> Result<Prune> {
+        let vol_dir = archive.volume_dir(volume)?;
+        let pruned_dir = archive.session_dir(volume, pruned)?;
+        let into_dir = archive.session_dir(volume, into)?;
+        if pruned >= into {
+            bail!("cannot prune {pruned} of {volume} into the older session {into}");
+        }
+        for dir in [&pruned_dir, &into_dir] {
+            if !dir.is_dir() {
+                bail!("{volume} has no session {} in the archive", file_name(dir));
+            }
+        }
+        if let Some(j) = Journal::read(&vol_dir)? {
+            bail!(
+                "{volume} has an unsettled prune of {} into {}; dom0 must finish or abort it first",
+                j.pruned,
+                j.into
+            );
+        }
+        remove_leftovers(&vol_dir)?;
+        let journal = Journal { pruned: pruned.to_string(), into: into.to_string(), state: State::Collecting };
+        let addrs_path = vol_dir.join(ADDRS);
+        let addrs = File::create(&addrs_path).with_context(|| format!("creating {}", addrs_path.display()))?;
+        // The journal last: from here on, `abort` knows what to undo.
+        journal.write(&vol_dir)?;
+        step("prune journal written");
+        Ok(Prune {
+            vol_dir,
+            pruned_dir,
+            into_dir,
+            journal,
+            addrs: BufWriter::with_capacity(1 << 16, addrs),
+            last: None,
+            manifest: None,
+        })
+    }
+
+    /// Records surviving addresses (strictly increasing across calls).
+    pub fn add(&mut self, addrs: &[u64]) -> Result<()> {
+        for &a in addrs {
+            if self.last.is_some_and(|l| l >= a) {
+                bail!("prune: address {a:#018x} out of order");
+            }
+            self.last = Some(a);
+            writeln!(self.addrs, "{a:016x}")
+                .with_context(|| format!("writing {}", self.vol_dir.join(ADDRS).display()))?;
+        }
+        Ok(())
+    }
+
+    /// Appends to N's new manifest copy (installed by `finish`; the info
+    /// copy comes with `finish` itself).
+    pub fn put_meta(&mut self, file: MetaFile, data: &[u8]) -> Result<()> {
+        if file != MetaFile::Manifest {
+            bail!("protocol error: during a prune only the manifest is sent as metadata");
+        }
+        if self.manifest.is_none() {
+            let path = new_manifest_path(&self.into_dir);
+            self.manifest = Some(File::create(&path).with_context(|| format!("creating {}", path.display()))?);
+        }
+        let f = self.manifest.as_mut().context("manifest not open")?;
+        f.write_all(data).with_context(|| format!("writing the new manifest of {}", self.into_dir.display()))
+    }
+
+    /// Puts every recorded chunk into N and makes it durable. Returns the
+    /// bytes added to N.
+    pub fn link(mut self, chunks: &mut ChunkSource) -> Result<u64> {
+        let addrs_path = self.vol_dir.join(ADDRS);
+        self.addrs.flush().with_context(|| format!("writing {}", addrs_path.display()))?;
+        self.addrs.get_ref().sync_all().with_context(|| format!("syncing {}", addrs_path.display()))?;
+        if self.manifest.is_none() {
+            bail!(
+                "prune of {}: the new manifest of {} is missing",
+                file_name(&self.pruned_dir),
+                file_name(&self.into_dir)
+            );
+        }
+        let mut bytes = 0u64;
+        for addr in read_addrs(&addrs_path)? {
+            bytes += link_chunk(chunks, &self.pruned_dir, &self.into_dir, addr?)?;
+            step("chunk linked");
+        }
+        self.manifest = None;
+        let dir = File::open(&self.into_dir).with_context(|| format!("opening {}", self.into_dir.display()))?;
+        nix::unistd::syncfs(dir.as_raw_fd())
+            .with_context(|| format!("syncing the filesystem of {}", self.into_dir.display()))?;
+        step("chunks synced");
+        self.journal.state = State::Linked;
+        self.journal.write(&self.vol_dir)?;
+        step("prune journal linked");
+        Ok(bytes)
+    }
+}
+
+/// Makes chunk `addr` of `pruned_dir` appear in `into_dir`: a hard link to
+/// its file, or a copy out of its tar (which converts it to folder layout).
+/// Idempotent, so a repeated phase 1 after a kill just goes on.
+fn link_chunk(chunks: &mut ChunkSource, pruned_dir: &Path, into_dir: &Path, addr: u64) -> Result<u64> {
+    let dst = chunk_path(into_dir, addr);
+    let parent = dst.parent().context("chunk path has no parent")?;
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let from_tar = match chunks.tar_of(pruned_dir)? {
+        Some(tar) => tar.read(addr).transpose()?,
+        None => None,
+    };
+    if let Some(data) = from_tar {
+        let mut f = File::create(&dst).with_context(|| format!("creating {}", dst.display()))?;
+        f.write_all(&data).with_context(|| format!("writing {}", dst.display()))?;
+        return Ok(data.len() as u64);
+    }
+    let src = chunk_path(pruned_dir, addr);
+    let src_meta = fs::metadata(&src)
+        .with_context(|| format!("chunk {addr:#018x} of {} is missing ({})", file_name(pruned_dir), src.display()))?;
+    match fs::symlink_metadata(&dst) {
+        Ok(m) if m.ino() == src_meta.ino() && m.dev() == src_meta.dev() => return Ok(m.len()),
+        Ok(_) => fs::remove_file(&dst).with_context(|| format!("replacing stale {}", dst.display()))?,
+        Err(_) => {}
+    }
+    fs::hard_link(&src, &dst).with_context(|| format!("linking {} to {}", src.display(), dst.display()))?;
+    Ok(src_meta.len())
+}
+
+/// Phase 2, after dom0 committed. Also fine when it already happened.
+pub fn finish(archive: &Archive, volume: &VolumeRef, pruned: &str, into: &str, info: &[u8]) -> Result<()> {
+    let vol_dir = archive.volume_dir(volume)?;
+    let pruned_dir = archive.session_dir(volume, pruned)?;
+    let into_dir = archive.session_dir(volume, into)?;
+    match Journal::read(&vol_dir)? {
+        None => return remove_leftovers(&vol_dir), // finished before; dom0 did not hear it
+        Some(j) if j.pruned != pruned || j.into != into => {
+            bail!(
+                "{volume}: asked to finish pruning {pruned} into {into}, but the journal is for {} into {}",
+                j.pruned,
+                j.into
+            )
+        }
+        Some(j) if j.state != State::Linked => {
+            bail!("{volume}: prune of {pruned} into {into} never completed its linking; it cannot be finished")
+        }
+        Some(_) => {}
+    }
+    let new = new_manifest_path(&into_dir);
+    if new.exists() {
+        fs::rename(&new, into_dir.join(MetaFile::Manifest.file_name()))
+            .with_context(|| format!("installing {}", new.display()))?;
+    }
+    write_file_durably(&into_dir.join(MetaFile::Info.file_name()), info)?;
+    step("merged metadata installed");
+    let gone = gone_path(&pruned_dir);
+    if pruned_dir.exists() {
+        fs::rename(&pruned_dir, &gone).with_context(|| format!("renaming {}", pruned_dir.display()))?;
+        fsync_dir(&vol_dir)?;
+    }
+    step("pruned session renamed");
+    remove_file_durably(&vol_dir.join(ADDRS))?;
+    remove_file_durably(&vol_dir.join(JOURNAL))?;
+    step("prune journal removed");
+    remove_leftovers(&vol_dir)
+}
+
+/// Undoes phase 1 (dom0 did not commit). Also fine with nothing to undo.
+pub fn abort(archive: &Archive, volume: &VolumeRef) -> Result<()> {
+    let vol_dir = archive.volume_dir(volume)?;
+    let Some(j) = Journal::read(&vol_dir)? else {
+        return remove_leftovers(&vol_dir);
+    };
+    let into_dir = archive.session_dir(volume, &j.into)?;
+    let addrs_path = vol_dir.join(ADDRS);
+    if addrs_path.exists() {
+        for addr in read_addrs(&addrs_path)? {
+            let path = chunk_path(&into_dir, addr?);
+            match fs::remove_file(&path) {
+                Ok(()) => step("added chunk removed"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+            }
+        }
+    }
+    remove_file_durably(&new_manifest_path(&into_dir))?;
+    fsync_dir(&into_dir)?;
+    remove_file_durably(&addrs_path)?;
+    remove_file_durably(&vol_dir.join(JOURNAL))?;
+    step("prune aborted");
+    remove_leftovers(&vol_dir)
+}
+
+/// Removes pruned session folders whose removal a kill interrupted.
+fn remove_leftovers(vol_dir: &Path) -> Result<()> {
+    let entries = match fs::read_dir(vol_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", vol_dir.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", vol_dir.display()))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("S_") && name.ends_with(GONE_SUFFIX) {
+            fs::remove_dir_all(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the recorded addresses back; a torn last line (kill while
+/// writing) is ignored: its chunk was never linked.
+fn read_addrs(path: &Path) -> Result<impl Iterator<Item = Result<u64>>> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let path = path.to_path_buf();
+    Ok(BufReader::with_capacity(1 << 16, f).lines().filter_map(move |line| match line {
+        Ok(l) if l.len() == 16 => {
+            Some(u64::from_str_radix(&l, 16).with_context(|| format!("{}: bad address {l:?}", path.display())))
+        }
+        Ok(_) => None,
+        Err(e) => Some(Err(e).with_context(|| format!("reading {}", path.display()))),
+    }))
+}
+
+fn new_manifest_path(into_dir: &Path) -> PathBuf {
+    into_dir.join(format!("{}.{NEW_SUFFIX}", MetaFile::Manifest.file_name()))
+}
+
+fn gone_path(session_dir: &Path) -> PathBuf {
+    let mut s = session_dir.as_os_str().to_owned();
+    s.push(GONE_SUFFIX);
+    PathBuf::from(s)
+}
+
+fn file_name(dir: &Path) -> String {
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}

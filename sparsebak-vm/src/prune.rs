@@ -216,7 +216,18 @@ fn link_chunk(chunks: &mut ChunkSource, pruned_dir: &Path, into_dir: &Path, addr
         None => None,
     };
     if let Some(data) = from_tar {
-        let mut f = File::create(&dst).with_context(|| format!("creating {}", dst.display()))?;
+        // A fresh file: writing through a stale hard link would change
+        // another session's chunk.
+        match fs::remove_file(&dst) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("replacing stale {}", dst.display())),
+        }
+        let mut f = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&dst)
+            .with_context(|| format!("creating {}", dst.display()))?;
         f.write_all(&data).with_context(|| format!("writing {}", dst.display()))?;
         return Ok(data.len() as u64);
     }

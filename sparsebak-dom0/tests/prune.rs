@@ -161,7 +161,7 @@ fn pruning_mixed_sessions_keeps_every_other_session_bit_identical() {
     // A range including the newest prunes everything else.
     let out = prune(&env, &mut copies, &format!("{s6},{s7}"), &[&s6]);
     assert!(out.contains("never pruned"), "{out}");
-    assert_eq!(env.sessions(), [s7.clone()]);
+    assert_eq!(env.sessions(), std::slice::from_ref(&s7));
     env.ok(&["verify", VOL]);
     // A later send still works on the pruned archive.
     write_at(&img, 3 * MIB, &random_bytes(10, 4096));
@@ -256,7 +256,7 @@ fn killed_prunes_are_settled_by_the_next_run() {
         assert!(listed.contains(&n), "{var}={k}: {n} must survive: {listed:?}");
         check_sessions(&env, &copies, &[n.clone(), listed.last().expect("newest").clone()]);
         if listed.contains(&p) {
-            check_sessions(&env, &copies, &[p.clone()]);
+            check_sessions(&env, &copies, std::slice::from_ref(&p));
         }
         // The next prune of the volume settles the interrupted one first
         // (finishing or rolling it back); one that matches no session

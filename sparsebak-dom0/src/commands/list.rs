@@ -18,7 +18,11 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         names.extend(ctx.config.volumes.iter().map(|(n, _)| n.clone()));
         names.sort();
         names.dedup();
-        let pool = ctx.thin_pool()?;
+        // Listing must work even when the pool cannot be checked.
+        let pool = ctx.thin_pool().unwrap_or_else(|e| {
+            log::warn!("cannot check which volumes are present: {e:#}");
+            None
+        });
         for name in names {
             let vm = meta.volume(&ctx.pool_dir, &name);
             let sessions = if vm.exists() { vm.sessions()? } else { Vec::new() };
@@ -32,7 +36,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
                 sessions.len(),
                 yes_no(configured),
                 yes_no(enabled),
-                yes_no(present_on_source(ctx, pool.as_ref(), &name)?)
+                present_on_source(ctx, pool.as_ref(), &name)
             );
         }
         return Ok(());
@@ -77,11 +81,18 @@ fn yes_no(b: bool) -> &'static str {
 }
 
 /// Whether the volume exists on the source (an image file, or an LV of
-/// the pool), so users see which archived volumes are gone.
-fn present_on_source(ctx: &Ctx, pool: Option<&ThinPool>, name: &str) -> Result<bool> {
-    Ok(match (&ctx.config.source, pool) {
-        (_, Some(pool)) => pool.lv(name)?.is_some(),
-        (SourceKind::Local { dir }, None) => dir.join(name).exists(),
-        (SourceKind::Lvm { .. }, None) => false,
-    })
+/// the pool), so users see which archived volumes are gone: "yes", "no",
+/// or "unknown" when LVM could not be asked.
+fn present_on_source(ctx: &Ctx, pool: Option<&ThinPool>, name: &str) -> &'static str {
+    match (&ctx.config.source, pool) {
+        (_, Some(pool)) => match pool.lv(name) {
+            Ok(lv) => yes_no(lv.is_some()),
+            Err(e) => {
+                log::warn!("{name}: {e:#}");
+                "unknown"
+            }
+        },
+        (SourceKind::Local { dir }, None) => yes_no(dir.join(name).exists()),
+        (SourceKind::Lvm { .. }, None) => "unknown",
+    }
 }

@@ -352,3 +352,112 @@ fn gone_path(session_dir: &Path) -> PathBuf {
 fn file_name(dir: &Path) -> String {
     dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tar::{TarWriter, TAR_FILE};
+    use sparsebak_proto::Destination;
+
+    const P: &str = "S_20260101-000000";
+    const N: &str = "S_20260102-000000";
+
+    /// An archive under a temp dir (`/` is the mount point), a volume with
+    /// sessions P and N.
+    fn setup() -> (tempfile::TempDir, Archive, VolumeRef) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let rel = tmp.path().strip_prefix("/").expect("absolute").to_string_lossy().into_owned();
+        let archive = Archive::open(&Destination { mountpoint: "/".into(), dir: rel }).expect("archive");
+        let volume = VolumeRef { pool: "local%images".into(), name: "v".into() };
+        for s in [P, N] {
+            let dir = archive.session_dir(&volume, s).expect("dir");
+            fs::create_dir_all(&dir).expect("mkdir");
+            fs::write(dir.join("manifest"), format!("old manifest of {s}")).expect("manifest");
+        }
+        (tmp, archive, volume)
+    }
+
+    fn put(archive: &Archive, volume: &VolumeRef, s: &str, addr: u64, data: &[u8]) -> PathBuf {
+        let path = chunk_path(&archive.session_dir(volume, s).expect("dir"), addr);
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        fs::write(&path, data).expect("chunk");
+        path
+    }
+
+    fn run_phase1(archive: &Archive, volume: &VolumeRef, addrs: &[u64]) -> u64 {
+        let mut p = Prune::begin(archive, volume, P, N).expect("begin");
+        p.add(addrs).expect("add");
+        p.put_meta(MetaFile::Manifest, b"merged manifest").expect("meta");
+        p.link(&mut ChunkSource::default()).expect("link")
+    }
+
+    #[test]
+    fn link_then_abort_leaves_both_sessions_as_they_were() {
+        let (_tmp, archive, volume) = setup();
+        put(&archive, &volume, P, 0x20000, b"aa");
+        put(&archive, &volume, P, 0x40000, b"bbb");
+        let n_own = put(&archive, &volume, N, 0x60000, b"n");
+        assert_eq!(run_phase1(&archive, &volume, &[0x20000, 0x40000]), 5);
+        let n_dir = archive.session_dir(&volume, N).expect("dir");
+        assert_eq!(fs::read(chunk_path(&n_dir, 0x40000)).expect("linked"), b"bbb");
+        // A second prune must wait until this one is settled.
+        assert!(Prune::begin(&archive, &volume, P, N).is_err());
+        abort(&archive, &volume).expect("abort");
+        assert!(!chunk_path(&n_dir, 0x20000).exists() && !chunk_path(&n_dir, 0x40000).exists());
+        assert_eq!(fs::read(&n_own).expect("N's own chunk"), b"n");
+        assert_eq!(fs::read_to_string(n_dir.join("manifest")).expect("manifest"), format!("old manifest of {N}"));
+        assert!(archive.session_dir(&volume, P).expect("dir").join("000000000").is_dir(), "P untouched");
+        assert!(Journal::read(&archive.volume_dir(&volume).expect("vol")).expect("read").is_none());
+        abort(&archive, &volume).expect("a second abort is a no-op");
+    }
+
+    #[test]
+    fn finish_installs_the_merge_and_removes_the_pruned_session() {
+        let (_tmp, archive, volume) = setup();
+        put(&archive, &volume, P, 0x20000, b"aa");
+        put(&archive, &volume, P, 0x40000, b"superseded");
+        run_phase1(&archive, &volume, &[0x20000]);
+        let err = finish(&archive, &volume, N, P, b"info").err().expect("wrong sessions");
+        assert!(format!("{err:#}").contains("journal is for"), "{err:#}");
+        finish(&archive, &volume, P, N, b"new info").expect("finish");
+        let n_dir = archive.session_dir(&volume, N).expect("dir");
+        assert_eq!(fs::read(chunk_path(&n_dir, 0x20000)).expect("moved"), b"aa");
+        assert!(!chunk_path(&n_dir, 0x40000).exists());
+        assert_eq!(fs::read(n_dir.join("manifest")).expect("manifest"), b"merged manifest");
+        assert_eq!(fs::read(n_dir.join("info")).expect("info"), b"new info");
+        assert_eq!(archive.list_sessions(&volume).expect("list"), [N]);
+        let names: Vec<_> = fs::read_dir(archive.volume_dir(&volume).expect("vol")).expect("ls").flatten().collect();
+        assert_eq!(names.len(), 1, "only N is left: {names:?}");
+        finish(&archive, &volume, P, N, b"new info").expect("a repeated finish is a no-op");
+    }
+
+    #[test]
+    fn tar_chunks_are_extracted_into_fresh_files() {
+        let (_tmp, archive, volume) = setup();
+        let p_dir = archive.session_dir(&volume, P).expect("dir");
+        let mut tar = TarWriter::create(&p_dir.join(TAR_FILE)).expect("tar");
+        tar.append(0x20000, b"from tar").expect("append");
+        tar.finish().expect("finish");
+        // A stale file in N that is a hard link to another session's chunk
+        // must be replaced, not written through.
+        let other = put(&archive, &volume, P, 0x80000, b"keep me");
+        let n_dir = archive.session_dir(&volume, N).expect("dir");
+        let stale = chunk_path(&n_dir, 0x20000);
+        fs::create_dir_all(stale.parent().expect("parent")).expect("mkdir");
+        fs::hard_link(&other, &stale).expect("link");
+        assert_eq!(run_phase1(&archive, &volume, &[0x20000]), 8);
+        assert_eq!(fs::read(&stale).expect("extracted"), b"from tar");
+        assert_eq!(fs::read(&other).expect("other"), b"keep me");
+    }
+
+    #[test]
+    fn addresses_must_increase_and_sessions_exist() {
+        let (_tmp, archive, volume) = setup();
+        let mut p = Prune::begin(&archive, &volume, P, N).expect("begin");
+        assert!(p.add(&[0x40000, 0x20000]).is_err());
+        drop(p);
+        abort(&archive, &volume).expect("abort");
+        assert!(Prune::begin(&archive, &volume, N, P).is_err(), "into an older session");
+        assert!(Prune::begin(&archive, &volume, P, "S_20260103-000000").is_err(), "missing session");
+    }
+}

@@ -417,7 +417,7 @@ mod tests {
         put(&archive, &volume, P, 0x20000, b"aa");
         put(&archive, &volume, P, 0x40000, b"superseded");
         run_phase1(&archive, &volume, &[0x20000]);
-        let err = finish(&archive, &volume, N, P, b"info").err().expect("wrong sessions");
+        let err = finish(&archive, &volume, N, P, b"info").expect_err("wrong sessions");
         assert!(format!("{err:#}").contains("journal is for"), "{err:#}");
         finish(&archive, &volume, P, N, b"new info").expect("finish");
         let n_dir = archive.session_dir(&volume, N).expect("dir");

@@ -126,6 +126,13 @@ check "lock holder is reported" grep -q "another sparsebak is running" "$work/er
 rm -f "$held"
 wait
 
+echo "== delete removes archive, metadata and snapshots"
+sb delete vol-a -u
+check "delete removes vol-a.tick" eq "$(lvs --noheadings -o lv_name sbt | grep -c 'vol-a\.t')" 0
+check "delete keeps the volume itself" lvs sbt/vol-a
+check "delete removes dom0 metadata and the delta map" eq "$(ls "$work/meta/sbt%pool0" | grep -c vol-a)" 0
+check "delete removes the archive's volume folder" eq "$(ls "$work/archive/b/sbt%pool0" | grep -c vol-a)" 0
+
 umount "$work/archive"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -31,7 +31,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
                 None => (false, false),
             };
             let latest = sessions.last().map_or("-", |s| s.date_time());
-            println!(
+            outln!(
                 "{name}  sessions={}  latest={latest}  configured={}  enabled={}  present={}",
                 sessions.len(),
                 yes_no(configured),
@@ -54,11 +54,11 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             continue;
         }
         if ctx.cli.volumes.len() > 1 {
-            println!("{name}:");
+            outln!("{name}:");
         }
         for s in sessions {
             let info = vm.info(&s)?;
-            println!(
+            outln!(
                 "{}  format={}  size={}  chunks={}  bytes={}  ({})",
                 s.date_time(),
                 info.format_name(),

@@ -1,5 +1,18 @@
 //! One file per command; this file dispatches and holds what they share.
 
+/// Prints one line on stdout. A closed pipe (`sparsebak list | head -1`)
+/// ends the command quietly instead of panicking like `println!`.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        match writeln!(std::io::stdout().lock(), $($arg)*) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(anyhow::Error::from(e).context("writing to stdout")),
+        }
+    }};
+}
+
 mod delete;
 mod list;
 mod monitor;
@@ -65,7 +78,7 @@ impl Ctx<'_> {
 
 pub fn run(cli: &Cli) -> Result<()> {
     if cli.command == CommandName::Version {
-        println!("sparsebak {} (protocol {})", env!("CARGO_PKG_VERSION"), sparsebak_proto::PROTOCOL_VERSION);
+        outln!("sparsebak {} (protocol {})", env!("CARGO_PKG_VERSION"), sparsebak_proto::PROTOCOL_VERSION);
         return Ok(());
     }
     let config = Config::load(&cli.config)?;

@@ -244,3 +244,30 @@ fn encrypted_archive_refuses_encryption_off() {
     let err = env.fails(&["send"]);
     assert!(err.contains("sparsebak recover"), "{err}");
 }
+
+#[test]
+fn pruned_sessions_keep_their_chunks_openable_also_after_recover() {
+    let env = Env::new(64);
+    write_at(&env.image(), 0, &random_bytes(20, 2 * MIB as usize));
+    env.ok(&["send"]);
+    write_at(&env.image(), 0, &random_bytes(21, 256 * 1024));
+    env.ok(&["send"]);
+    write_at(&env.image(), MIB, &random_bytes(22, 256 * 1024));
+    env.ok(&["send"]);
+    let latest = env.snapshot_image("latest");
+    let s = env.sessions();
+    assert_eq!(s.len(), 3);
+    env.ok(&["prune", &format!("--session={},{}", s[0], s[1])]);
+    assert_eq!(env.sessions(), [s[2].clone()]);
+    // Chunks moved from the pruned sessions keep their seals; the merged
+    // manifest names the session each was first stored in.
+    let manifest = env.meta_volume_dir().join(format!("S_{}", s[2])).join("manifest");
+    let text = std::fs::read_to_string(manifest).expect("manifest");
+    assert!(text.lines().any(|l| l.ends_with(&format!(" S_{}", s[0]))), "{text}");
+    assert!(text.lines().any(|l| l.ends_with(&format!(" S_{}", s[1]))), "{text}");
+    env.ok(&["verify"]);
+    assert_same_file(&latest, &env.receive(None, "after-prune.img"));
+    lose_dom0_metadata(&env);
+    env.ok(&["recover"]);
+    assert_same_file(&latest, &env.receive(None, "after-recover.img"));
+}

@@ -12,6 +12,8 @@
 //!   `PruneLink` and `PutMeta` stream without answers; `PruneLinked` ->
 //!   `Linked`; later `PruneFinish` or `PruneAbort` -> `Done`.
 //! - `DeleteVolume` -> `Done`.
+//! - `ReadMeta` -> `Meta` (empty past the end) or `ChunkError`.
+//! - `GetKey` -> `Key`; `PutKey` -> `Done` (refused if a key is there).
 //!
 //! `Error` is fatal: the receiver sends it and exits. Closing the receiver's
 //! stdin ends the conversation; an uncommitted session is then discarded.
@@ -19,13 +21,16 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape or meaning.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest archive chunk size (uncompressed) either side accepts.
 pub const MAX_CHUNK_SIZE: u64 = 4 << 20;
 
 /// Largest piece of a metadata file carried by one `PutMeta`.
 pub const META_PIECE: usize = 1 << 20;
+
+/// Largest key file (`PutKey`, `Key`) either side accepts.
+pub const MAX_KEY_FILE: usize = 4096;
 
 /// Where the archive lives on the receiver: `mountpoint/dir`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -147,6 +152,24 @@ pub enum Request {
     DeleteVolume {
         volume: VolumeRef,
     },
+    /// Up to [`META_PIECE`] bytes of a committed session's metadata file,
+    /// from `offset` (for `verify` and `recover`).
+    ReadMeta {
+        volume: VolumeRef,
+        session: String,
+        file: MetaFile,
+        offset: u64,
+    },
+    /// The pool folder's wrapped key file, if any.
+    GetKey {
+        pool: String,
+    },
+    /// Stores the pool folder's wrapped key file durably; an existing one is
+    /// never replaced.
+    PutKey {
+        pool: String,
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -158,13 +181,17 @@ pub enum Response {
     /// Committed session names, sorted.
     Sessions(Vec<String>),
     Chunk(Vec<u8>),
-    /// The chunk could not be read (missing, unreadable); the receiver goes on.
+    /// The chunk or metadata file could not be read (missing, unreadable);
+    /// the receiver goes on.
     ChunkError(String),
     /// Answer to `PruneLinked`: bytes of the chunks added to `into`. dom0
     /// uses it only for the `bytes` figure that `list` shows.
     Linked {
         bytes: u64,
     },
+    /// A piece of a metadata file; empty at or past its end.
+    Meta(Vec<u8>),
+    Key(Option<Vec<u8>>),
     /// Fatal: the receiver stops after sending this.
     Error(String),
 }

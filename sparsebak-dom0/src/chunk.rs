@@ -1,10 +1,13 @@
 //! What happens to one chunk on its way into the archive (`pack`) and back
-//! out (`unpack`): zero detection, SHA-256, zstd. Both run on worker threads
-//! of the pipeline.
+//! out (`unpack`): zero detection, plaintext hash, zstd, and for encrypted
+//! archives sealing (compression first: ciphertext does not compress). Both
+//! run on worker threads of the pipeline.
 
+use crate::crypto::{Aad, Keys, OpenError};
 use crate::manifest::{ChunkState, Hash};
 use anyhow::{bail, Result};
 use sha2::{Digest, Sha256};
+use sparsebak_proto::VolumeRef;
 use std::cell::RefCell;
 
 /// zstd level: fast enough to keep up with two cores' worth of reading,
@@ -18,6 +21,38 @@ pub fn sha256(data: &[u8]) -> Hash {
 pub fn is_zero(data: &[u8]) -> bool {
     let (words, tail) = data.split_at(data.len() - data.len() % 16);
     words.chunks_exact(16).all(|w| w == [0u8; 16]) && tail.iter().all(|&b| b == 0)
+}
+
+/// How the chunks of one volume are hashed and sealed: plain SHA-256 and no
+/// sealing for an unencrypted archive; keyed hash and XChaCha20-Poly1305
+/// bound to volume, origin session and address for an encrypted one.
+#[derive(Clone, Copy)]
+pub struct ChunkCodec<'a> {
+    pub keys: Option<&'a Keys>,
+    pub volume: &'a VolumeRef,
+}
+
+impl ChunkCodec<'_> {
+    pub fn plain_hash(&self, data: &[u8]) -> Hash {
+        match self.keys {
+            Some(k) => k.plain_hash(data),
+            None => sha256(data),
+        }
+    }
+
+    fn seal(&self, origin: &str, addr: u64, compressed: Vec<u8>) -> Result<Vec<u8>> {
+        match self.keys {
+            Some(k) => k.seal(&Aad::Chunk { volume: self.volume, origin, addr }, &compressed),
+            None => Ok(compressed),
+        }
+    }
+
+    fn open<'d>(&self, origin: &str, addr: u64, data: &'d [u8]) -> Result<std::borrow::Cow<'d, [u8]>, OpenError> {
+        match self.keys {
+            Some(k) => k.open(&Aad::Chunk { volume: self.volume, origin, addr }, data).map(Into::into),
+            None => Ok(data.into()),
+        }
+    }
 }
 
 /// A chunk read from the source, with what the archive holds for it.
@@ -68,7 +103,7 @@ enum Decision {
     Changed { plain: Hash, data: Vec<u8> },
 }
 
-fn decide(job: ChunkJob) -> Decision {
+fn decide(job: ChunkJob, codec: &ChunkCodec) -> Decision {
     let zero_or_unchanged = |previous: Option<ChunkState>| match previous {
         Some(ChunkState::Stored { .. }) => Decision::Zero,
         Some(ChunkState::Zero) | None => Decision::Unchanged,
@@ -77,7 +112,7 @@ fn decide(job: ChunkJob) -> Decision {
         None => zero_or_unchanged(job.previous),
         Some(data) if is_zero(&data) => zero_or_unchanged(job.previous),
         Some(data) => {
-            let plain = sha256(&data);
+            let plain = codec.plain_hash(&data);
             let same = matches!(job.previous, Some(ChunkState::Stored { plain: p, .. }) if p == plain);
             if same && !job.force_store {
                 Decision::Unchanged
@@ -88,14 +123,15 @@ fn decide(job: ChunkJob) -> Decision {
     }
 }
 
-/// Decides whether a chunk changed, and if so, compresses it.
-pub fn pack(job: ChunkJob) -> Result<(u64, Packed)> {
+/// Decides whether a chunk changed, and if so, compresses (and seals) it
+/// for storing in `session`.
+pub fn pack(job: ChunkJob, codec: &ChunkCodec, session: &str) -> Result<(u64, Packed)> {
     let addr = job.addr;
-    let packed = match decide(job) {
+    let packed = match decide(job, codec) {
         Decision::Unchanged => Packed::Unchanged,
         Decision::Zero => Packed::Zero,
         Decision::Changed { plain, data } => {
-            let data = compress(&data)?;
+            let data = codec.seal(session, addr, compress(&data)?)?;
             Packed::Stored { plain, stored: sha256(&data), data }
         }
     };
@@ -103,14 +139,15 @@ pub fn pack(job: ChunkJob) -> Result<(u64, Packed)> {
 }
 
 /// True when the chunk differs from what the archive holds (for resync).
-pub fn differs(job: ChunkJob) -> bool {
-    !matches!(decide(job), Decision::Unchanged)
+pub fn differs(job: ChunkJob, codec: &ChunkCodec) -> bool {
+    !matches!(decide(job, codec), Decision::Unchanged)
 }
 
 /// Why a chunk from the archive was rejected.
 #[derive(Debug)]
 pub enum ChunkFault {
     StoredHashMismatch,
+    Unsealable(OpenError),
     Undecompressable(String),
     WrongLength { got: usize, want: usize },
     PlainHashMismatch,
@@ -122,6 +159,7 @@ impl std::fmt::Display for ChunkFault {
             ChunkFault::StoredHashMismatch => {
                 write!(f, "hash mismatch (corrupted or replaced in the archive)")
             }
+            ChunkFault::Unsealable(e) => write!(f, "does not decrypt: {e}"),
             ChunkFault::Undecompressable(e) => write!(f, "does not decompress: {e}"),
             ChunkFault::WrongLength { got, want } => {
                 write!(f, "decompresses to {got} bytes, expected {want}")
@@ -131,20 +169,29 @@ impl std::fmt::Display for ChunkFault {
     }
 }
 
-/// Checks stored bytes against dom0's hash *before* decompressing them, then
-/// checks the plaintext. `len` is the chunk's length within the volume.
-pub fn unpack(data: &[u8], state: &ChunkState, len: usize) -> Result<Vec<u8>, ChunkFault> {
-    let ChunkState::Stored { plain, stored } = state else {
+/// Checks stored bytes against dom0's hash *before* decrypting and
+/// decompressing them, then checks the plaintext. `len` is the chunk's
+/// length within the volume; `origin` the session it was first stored in.
+pub fn unpack(
+    data: &[u8],
+    state: &ChunkState,
+    len: usize,
+    codec: &ChunkCodec,
+    origin: &str,
+    addr: u64,
+) -> Result<Vec<u8>, ChunkFault> {
+    let ChunkState::Stored { plain, stored, .. } = state else {
         return Ok(vec![0; len]);
     };
     if sha256(data) != *stored {
         return Err(ChunkFault::StoredHashMismatch);
     }
-    let out = zstd::bulk::decompress(data, len).map_err(|e| ChunkFault::Undecompressable(e.to_string()))?;
+    let data = codec.open(origin, addr, data).map_err(ChunkFault::Unsealable)?;
+    let out = zstd::bulk::decompress(&data, len).map_err(|e| ChunkFault::Undecompressable(e.to_string()))?;
     if out.len() != len {
         return Err(ChunkFault::WrongLength { got: out.len(), want: len });
     }
-    if sha256(&out) != *plain {
+    if codec.plain_hash(&out) != *plain {
         return Err(ChunkFault::PlainHashMismatch);
     }
     Ok(out)
@@ -154,8 +201,20 @@ pub fn unpack(data: &[u8], state: &ChunkState, len: usize) -> Result<Vec<u8>, Ch
 mod tests {
     use super::*;
 
+    const S1: &str = "S_20261129-083000";
+    const S2: &str = "S_20261129-083001";
+
+    fn volume() -> VolumeRef {
+        VolumeRef { pool: "vg%pool".into(), name: "vol".into() }
+    }
+
     fn job(data: Option<Vec<u8>>, previous: Option<ChunkState>) -> ChunkJob {
         ChunkJob { addr: 0x40000, data, previous, force_store: false }
+    }
+
+    fn stored_state(p: Packed) -> (ChunkState, Vec<u8>) {
+        let Packed::Stored { plain, stored, data } = p else { panic!("must store") };
+        (ChunkState::Stored { plain, stored, origin: None }, data)
     }
 
     #[test]
@@ -170,16 +229,14 @@ mod tests {
         assert!(!is_zero(&v));
     }
 
-    #[test]
-    fn pack_decides_by_previous_state() {
+    fn decides_by_previous_state(codec: &ChunkCodec) {
         let data = b"hello sparsebak".repeat(1000);
-        let (addr, p) = pack(job(Some(data.clone()), None)).expect("packs");
+        let (addr, p) = pack(job(Some(data.clone()), None), codec, S1).expect("packs");
         assert_eq!(addr, 0x40000);
-        let Packed::Stored { plain, stored, data: packed } = p else { panic!("must store") };
+        let (state, packed) = stored_state(p);
         assert!(packed.len() < data.len());
-        let state = ChunkState::Stored { plain, stored };
         let outcome = |data: Option<Vec<u8>>, previous, force_store| {
-            pack(ChunkJob { addr: 0, data, previous, force_store }).expect("packs").1
+            pack(ChunkJob { addr: 0, data, previous, force_store }, codec, S1).expect("packs").1
         };
         assert!(matches!(outcome(Some(data.clone()), Some(state), false), Packed::Unchanged));
         assert!(matches!(outcome(Some(data.clone()), Some(state), true), Packed::Stored { .. }));
@@ -187,25 +244,53 @@ mod tests {
         assert!(matches!(outcome(Some(vec![0; 10]), Some(state), false), Packed::Zero));
         assert!(matches!(outcome(None, Some(ChunkState::Zero), false), Packed::Unchanged));
         assert!(matches!(outcome(Some(vec![0; 10]), None, true), Packed::Unchanged));
-        assert_eq!(unpack(&packed, &state, data.len()).expect("unpacks"), data);
+        assert_eq!(unpack(&packed, &state, data.len(), codec, S1, 0x40000).expect("unpacks"), data);
+    }
+
+    #[test]
+    fn pack_decides_by_previous_state() {
+        let v = volume();
+        decides_by_previous_state(&ChunkCodec { keys: None, volume: &v });
+        let keys = Keys::from_data_key(&crate::crypto::new_data_key().expect("key"));
+        decides_by_previous_state(&ChunkCodec { keys: Some(&keys), volume: &v });
     }
 
     #[test]
     fn unpack_rejects_tampering() {
+        let v = volume();
+        let codec = ChunkCodec { keys: None, volume: &v };
         let data = b"0123456789".repeat(500);
-        let (_, Packed::Stored { plain, stored, data: packed }) = pack(job(Some(data.clone()), None)).expect("packs")
-        else {
-            panic!("must store")
-        };
-        let state = ChunkState::Stored { plain, stored };
+        let (state, packed) = stored_state(pack(job(Some(data.clone()), None), &codec, S1).expect("packs").1);
+        let unpack = |bytes: &[u8], state: &ChunkState, len| unpack(bytes, state, len, &codec, S1, 0x40000);
         let mut bad = packed.clone();
         bad[3] ^= 1;
         assert!(matches!(unpack(&bad, &state, data.len()), Err(ChunkFault::StoredHashMismatch)));
         assert!(matches!(unpack(&packed[..packed.len() - 1], &state, data.len()), Err(ChunkFault::StoredHashMismatch)));
         // A right stored hash but the wrong plaintext expectation.
-        let lying = ChunkState::Stored { plain: [0; 32], stored };
+        let ChunkState::Stored { stored, .. } = state else { panic!("stored") };
+        let lying = ChunkState::Stored { plain: [0; 32], stored, origin: None };
         assert!(matches!(unpack(&packed, &lying, data.len()), Err(ChunkFault::PlainHashMismatch)));
         // Decompression is bounded by the expected length.
         assert!(unpack(&packed, &state, 10).is_err());
+    }
+
+    #[test]
+    fn sealed_chunks_hide_content_and_bind_their_place() {
+        let v = volume();
+        let keys = Keys::from_data_key(&crate::crypto::new_data_key().expect("key"));
+        let codec = ChunkCodec { keys: Some(&keys), volume: &v };
+        let data = b"MARKER-0123456789".repeat(500);
+        let (state, packed) = stored_state(pack(job(Some(data.clone()), None), &codec, S1).expect("packs").1);
+        assert!(!packed.windows(6).any(|w| w == b"MARKER"));
+        let ChunkState::Stored { plain, .. } = state else { panic!("stored") };
+        assert_ne!(plain, sha256(&data), "the manifest hash must be keyed");
+        assert!(unpack(&packed, &state, data.len(), &codec, S1, 0x40000).is_ok());
+        // Same bytes claimed for another session or address: refused.
+        let forged = |origin, addr| unpack(&packed, &state, data.len(), &codec, origin, addr);
+        assert!(matches!(forged(S2, 0x40000), Err(ChunkFault::Unsealable(OpenError::Forged))));
+        assert!(matches!(forged(S1, 0x60000), Err(ChunkFault::Unsealable(OpenError::Forged))));
+        let other = VolumeRef { pool: "vg%pool".into(), name: "other".into() };
+        let codec_other = ChunkCodec { keys: Some(&keys), volume: &other };
+        assert!(unpack(&packed, &state, data.len(), &codec_other, S1, 0x40000).is_err());
     }
 }

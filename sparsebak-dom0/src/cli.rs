@@ -29,6 +29,11 @@ pub struct Cli {
     #[arg(long, value_name = "DT[,DT]")]
     pub session: Option<String>,
 
+    /// File whose first line is the archive key's passphrase (needed only to
+    /// create an encrypted archive and to recover; else asked for).
+    #[arg(long, value_name = "PATH")]
+    pub passphrase_file: Option<PathBuf>,
+
     /// Print only errors.
     #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
@@ -64,6 +69,9 @@ pub enum CommandName {
     Prune,
     /// Remove volumes from the archive and from dom0's metadata.
     Delete,
+    /// Rebuild dom0's metadata (key, sessions, manifests) from the archive,
+    /// then verify it: after dom0's metadata was lost.
+    Recover,
     /// Print the version.
     Version,
 }

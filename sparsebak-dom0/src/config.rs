@@ -15,8 +15,17 @@ pub const DEFAULT_CONFIG: &str = "/sparsebak/sparsebak.ini";
 pub const DEFAULT_CHUNK_SIZE: u64 = 128 * 1024;
 
 /// Keys allowed in `[var]`.
-const VAR_KEYS: &[&str] =
-    &["vgname", "poolname", "localdir", "destvm", "destmountpoint", "destdir", "chunksize", "idletimeout"];
+const VAR_KEYS: &[&str] = &[
+    "vgname",
+    "poolname",
+    "localdir",
+    "destvm",
+    "destmountpoint",
+    "destdir",
+    "chunksize",
+    "idletimeout",
+    "encryption",
+];
 
 /// Default for `[var] idletimeout`: how long dom0 waits for the receiver to
 /// make any progress before giving up (a commit on a slow disk can take a
@@ -56,6 +65,10 @@ pub struct Config {
     pub chunk_size: u64,
     /// `[var] idletimeout` (seconds): see [`DEFAULT_IDLE_TIMEOUT`].
     pub idle_timeout: Duration,
+    /// `[var] encryption = on|off` (default on): whether a new archive is
+    /// encrypted. An existing archive keeps the mode it was created with;
+    /// the config must agree with it.
+    pub encryption: bool,
     /// `[volumes]` in file order: (name, enabled).
     pub volumes: Vec<(String, bool)>,
 }
@@ -113,6 +126,11 @@ impl Config {
                 _ => bail!("key \"idletimeout\": {v:?} is not a positive number of seconds"),
             },
         };
+        let encryption = match var.get("encryption").map(str::trim) {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => bail!("key \"encryption\": {other:?} must be on or off"),
+        };
         let mut volumes = Vec::new();
         if let Some(vols) = ini.section(Some("volumes")) {
             for (name, value) in vols.iter() {
@@ -138,6 +156,7 @@ impl Config {
             dest_dir,
             chunk_size,
             idle_timeout,
+            encryption,
             volumes,
         })
     }

@@ -1,18 +1,24 @@
 //! `sparsebak`: the admin-side agent (dom0 on Qubes, root on plain Linux).
 #![forbid(unsafe_code)]
 
+mod archive_key;
 mod chunk;
 mod cli;
 mod commands;
 mod config;
+mod crypto;
 mod image;
+mod keyfile;
 mod logging;
 mod lvm;
 mod manifest;
 mod metadir;
+mod metafile;
+mod passphrase;
 mod pipeline;
 mod progress;
 mod prune_journal;
+mod rollback;
 mod scan;
 mod session;
 mod transport;

@@ -3,7 +3,15 @@
 //! ```text
 //! <sha256 of plaintext> <sha256 of stored bytes> x<16 hex digits of address>
 //! 0 0 x<address>                      (an all-zero chunk, not stored)
+//! <plain> <stored> x<address> S_YYYYMMDD-HHMMSS   (stored in another session first)
 //! ```
+//!
+//! In an encrypted archive the plaintext hash is keyed (HMAC-SHA256 with a
+//! subkey of the data key), so manifests reveal nothing about content. The
+//! optional fourth field is the chunk's origin: the session it was first
+//! stored in, whose name is bound into the chunk's seal. It is written only
+//! where the origin differs from the session holding the manifest (prune
+//! moves chunk files into newer sessions without rewriting them).
 //!
 //! The plaintext hash detects changes (and checks decompression); the stored
 //! hash is what dom0 checks a chunk from the receiver against *before*
@@ -27,7 +35,27 @@ pub enum ChunkState {
     Stored {
         plain: Hash,
         stored: Hash,
+        /// The session the chunk was first stored in, when it is not the
+        /// session whose manifest holds this entry.
+        origin: Option<Origin>,
     },
+}
+
+/// A session name (`S_YYYYMMDD-HHMMSS`) as a small copyable value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin([u8; 17]);
+
+impl Origin {
+    pub fn new(session: &str) -> Result<Origin> {
+        sparsebak_proto::names::validate_session_name(session)?;
+        let bytes: [u8; 17] = session.as_bytes().try_into().map_err(|_| anyhow!("bad session name {session:?}"))?;
+        Ok(Origin(bytes))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Validated ASCII on construction.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,15 +68,19 @@ impl ManifestEntry {
     pub fn to_line(self) -> String {
         match self.state {
             ChunkState::Zero => format!("0 0 x{:016x}\n", self.addr),
-            ChunkState::Stored { plain, stored } => {
+            ChunkState::Stored { plain, stored, origin: None } => {
                 format!("{} {} x{:016x}\n", hex(&plain), hex(&stored), self.addr)
+            }
+            ChunkState::Stored { plain, stored, origin: Some(o) } => {
+                format!("{} {} x{:016x} {}\n", hex(&plain), hex(&stored), self.addr, o.as_str())
             }
         }
     }
 
     pub fn parse_line(line: &str) -> Result<ManifestEntry> {
         let mut parts = line.split(' ');
-        let (Some(plain), Some(stored), Some(addr), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(plain), Some(stored), Some(addr), origin, None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
         else {
             bail!("bad manifest line {line:?}");
         };
@@ -57,9 +89,11 @@ impl ManifestEntry {
             .filter(|a| a.len() == 16)
             .and_then(|a| u64::from_str_radix(a, 16).ok())
             .ok_or_else(|| anyhow!("bad chunk address in manifest line {line:?}"))?;
-        let state = match (plain, stored) {
-            ("0", "0") => ChunkState::Zero,
-            _ => ChunkState::Stored { plain: unhex(plain)?, stored: unhex(stored)? },
+        let origin = origin.map(Origin::new).transpose().with_context(|| format!("manifest line {line:?}"))?;
+        let state = match (plain, stored, origin) {
+            ("0", "0", None) => ChunkState::Zero,
+            ("0", "0", Some(_)) => bail!("zero chunk with an origin in manifest line {line:?}"),
+            _ => ChunkState::Stored { plain: unhex(plain)?, stored: unhex(stored)?, origin },
         };
         Ok(ManifestEntry { addr, state })
     }
@@ -217,7 +251,7 @@ mod tests {
     use super::*;
 
     fn stored(addr: u64, tag: u8) -> ManifestEntry {
-        ManifestEntry { addr, state: ChunkState::Stored { plain: [tag; 32], stored: [tag ^ 0xff; 32] } }
+        ManifestEntry { addr, state: ChunkState::Stored { plain: [tag; 32], stored: [tag ^ 0xff; 32], origin: None } }
     }
 
     fn zero(addr: u64) -> ManifestEntry {
@@ -226,13 +260,24 @@ mod tests {
 
     #[test]
     fn lines_round_trip_and_reject_garbage() {
-        for e in [stored(0x20000, 7), zero(0)] {
+        let mut moved = stored(0x40000, 9);
+        if let ChunkState::Stored { origin, .. } = &mut moved.state {
+            *origin = Some(Origin::new("S_20261129-083000").expect("valid"));
+        }
+        assert!(moved.to_line().ends_with(" S_20261129-083000\n"));
+        for e in [stored(0x20000, 7), zero(0), moved] {
             let line = e.to_line();
             assert_eq!(ManifestEntry::parse_line(line.trim_end()).expect("parses"), e);
         }
-        for bad in
-            ["", "0 0", "0 0 x12", "0 0 x000000000000000g", "zz 0 x0000000000000000", "0 0 x0000000000000000 extra"]
-        {
+        for bad in [
+            "",
+            "0 0",
+            "0 0 x12",
+            "0 0 x000000000000000g",
+            "zz 0 x0000000000000000",
+            "0 0 x0000000000000000 extra",
+            "0 0 x0000000000000000 S_20261129-083000",
+        ] {
             assert!(ManifestEntry::parse_line(bad).is_err(), "{bad:?}");
         }
     }

@@ -267,6 +267,8 @@ pub fn kind(resp: &Response) -> &'static str {
         Response::Chunk(_) => "Chunk",
         Response::ChunkError(_) => "ChunkError",
         Response::Linked { .. } => "Linked",
+        Response::Meta(_) => "Meta",
+        Response::Key(_) => "Key",
         Response::Error(_) => "Error",
     }
 }

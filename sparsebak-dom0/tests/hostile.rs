@@ -17,6 +17,7 @@ use std::process::Command;
 const TAMPER_PY: &str = r#"
 import struct, sys
 mode, keep = sys.argv[1], int(sys.argv[2])
+CHUNK = 3  # bincode variant index of Response::Chunk
 inp, out = sys.stdin.buffer, sys.stdout.buffer
 n = 0
 while True:
@@ -31,7 +32,8 @@ while True:
     if n <= 1 + keep:
         out.write(head + payload); out.flush(); continue
     if mode == "flip":
-        payload = payload[:-1] + bytes([payload[-1] ^ 1])
+        if payload[0] == CHUNK:  # only chunk answers: the bytes of stored chunks
+            payload = payload[:-1] + bytes([payload[-1] ^ 1])
         out.write(head + payload)
     elif mode == "oversize":
         out.write(struct.pack(">I", 0xFFFFFFF0)); out.flush(); break

@@ -21,6 +21,7 @@ fn quote(word: &str) -> String {
 fn sparsebak_words(env: &Env, args: &[&str]) -> Vec<String> {
     let mut words = vec![env!("CARGO_BIN_EXE_sparsebak").to_string(), "--config".into()];
     words.push(env.config().display().to_string());
+    words.extend(["--passphrase-file".to_string(), env.passphrase_file().display().to_string()]);
     words.extend(args.iter().map(|a| a.to_string()));
     words
 }

@@ -7,10 +7,14 @@
 //!                                           /chunks.tar   (tar sessions, see `tar.rs`)
 //! ```
 //!
+//! MOUNT/DIR/VG%POOL/.sparsebak-key                    wrapped key (encrypted archives)
+//!
 //! Sessions are written as `S_...-tmp` and renamed on commit. Every path is
 //! built from validated names and integers only, so nothing leaves the root.
 //! A tar session may also hold chunk files: chunks merged into it by prune
 //! are always stored in the folder layout.
+//! The receiver never interprets what dom0 stores: chunks, metadata and the
+//! key file are opaque bytes to it (sealed ones, for encrypted archives).
 
 use anyhow::{bail, Context, Result};
 use sparsebak_proto::{names, Destination, VolumeRef};
@@ -22,6 +26,9 @@ pub const TMP_SUFFIX: &str = "-tmp";
 /// Largest chunk file the receiver reads or sends back; matches the frame
 /// cap with room for the message header.
 pub const MAX_CHUNK_FILE: u64 = (sparsebak_proto::MAX_FRAME - 64) as u64;
+/// The wrapped key file of a pool folder (volume names cannot start with a
+/// dot, so it never collides with a volume).
+const KEY_FILE: &str = ".sparsebak-key";
 
 /// The root of one archive: `MOUNT/DIR`.
 pub struct Archive {
@@ -50,6 +57,12 @@ impl Archive {
     pub fn volume_dir(&self, volume: &VolumeRef) -> Result<PathBuf> {
         volume.validate()?;
         Ok(self.root.join(&volume.pool).join(&volume.name))
+    }
+
+    /// `ROOT/VG%POOL/.sparsebak-key`, after validating the pool name.
+    pub fn key_path(&self, pool: &str) -> Result<PathBuf> {
+        names::validate_pool_dir(pool)?;
+        Ok(self.root.join(pool).join(KEY_FILE))
     }
 
     /// The committed folder of a session, after validating its name.

@@ -2,7 +2,7 @@
 //! folder entries synced, so a kill or a power cut leaves old or new state,
 //! never a mix.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
@@ -38,4 +38,26 @@ pub fn remove_file_durably(path: &Path) -> Result<()> {
         Some(p) => fsync_dir(p),
         None => Ok(()),
     }
+}
+
+/// Creates `path` with `data`, durably, never replacing an existing file:
+/// temp file, fsync, hard link to the final name (fails if it exists),
+/// folder fsync.
+pub fn create_file_durably(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().context("file has no folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if path.exists() {
+        bail!("{} already exists; refusing to replace it", path.display());
+    }
+    let tmp = path.with_extension("new");
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::hard_link(&tmp, path)
+    };
+    let written = write().with_context(|| format!("writing {}", path.display()));
+    let _ = std::fs::remove_file(&tmp);
+    written?;
+    fsync_dir(dir)
 }

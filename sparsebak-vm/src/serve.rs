@@ -8,8 +8,9 @@ use crate::chunk_source::ChunkSource;
 use crate::prune::{self, Prune};
 use crate::session_writer::SessionWriter;
 use anyhow::{anyhow, bail, Context, Result};
+use sparsebak_proto::msg::{MAX_KEY_FILE, META_PIECE};
 use sparsebak_proto::{read_msg, write_msg, Request, Response, PROTOCOL_VERSION};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
 
 /// A failed conversation; `reported` when dom0 already got the message (so
 /// it is not printed twice on the user's terminal).
@@ -152,6 +153,37 @@ impl Server {
                 self.archive()?.delete_volume(&volume)?;
                 Some(Response::Done)
             }
+            Request::ReadMeta { volume, session, file, offset } => {
+                let path = self.archive()?.session_dir(&volume, &session)?.join(file.file_name());
+                Some(match read_piece(&path, offset, META_PIECE) {
+                    Ok(data) => Response::Meta(data),
+                    Err(e) => Response::ChunkError(format!("{e:#}")),
+                })
+            }
+            Request::GetKey { pool } => {
+                let path = self.archive()?.key_path(&pool)?;
+                Some(Response::Key(match std::fs::metadata(&path) {
+                    Ok(_) => Some(read_piece(&path, 0, MAX_KEY_FILE)?),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(e).with_context(|| format!("stat {}", path.display())),
+                }))
+            }
+            Request::PutKey { pool, data } => {
+                if data.len() > MAX_KEY_FILE {
+                    bail!("key file of {} bytes is too large", data.len());
+                }
+                crate::durable::create_file_durably(&self.archive()?.key_path(&pool)?, &data)?;
+                Some(Response::Done)
+            }
         })
     }
+}
+
+/// Up to `max` bytes of a file from `offset` (empty at or past its end).
+fn read_piece(path: &std::path::Path, offset: u64, max: usize) -> Result<Vec<u8>> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    f.seek(std::io::SeekFrom::Start(offset)).with_context(|| format!("seeking in {}", path.display()))?;
+    let mut data = Vec::new();
+    f.take(max as u64).read_to_end(&mut data).with_context(|| format!("reading {}", path.display()))?;
+    Ok(data)
 }

@@ -25,7 +25,8 @@ write_config() {
     "$1" "$work/archive" > "$cfg"
 }
 write_config pool0
-sb() { "$bin" --config "$cfg" "$@"; }
+echo "lvm cycle passphrase" > "$work/passphrase"
+sb() { "$bin" --config "$cfg" --passphrase-file "$work/passphrase" "$@"; }
 stored() { sb list vol-a | tail -n1 | tr ' ' '\n' | sed -n 's/^chunks=//p'; }
 nsessions() { sb list vol-a | wc -l; }
 rand() { dd if=/dev/urandom of="$dev" bs=4096 count="$2" seek="$(( $1 / 4096 ))" conv=notrunc status=none; }

@@ -130,7 +130,8 @@ destdir = backups
 disk.img = enable
 EOF
 }
-sb() { "$bindir/sparsebak" --config "$tmp/meta/sparsebak.ini" "$@" >"$tmp/stdout" 2>"$tmp/stderr"; }
+echo "ssh test passphrase" >"$tmp/passphrase"
+sb() { "$bindir/sparsebak" --config "$tmp/meta/sparsebak.ini" --passphrase-file "$tmp/passphrase" "$@" >"$tmp/stdout" 2>"$tmp/stderr"; }
 show() { tr '\n' ' ' <"$tmp/stderr"; }
 
 mount -t tmpfs -o size=64m tmpfs "$tmp/mnt" || { bad "mount tmpfs"; finish; }

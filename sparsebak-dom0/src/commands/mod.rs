@@ -17,6 +17,7 @@ mod delete;
 mod list;
 mod monitor;
 mod prune;
+mod recover;
 mod restore;
 mod resync;
 mod send;
@@ -93,6 +94,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         CommandName::Resync => resync::run(&ctx),
         CommandName::Prune => prune::run(&ctx),
         CommandName::Delete => delete::run(&ctx),
+        CommandName::Recover => recover::run(&ctx),
         CommandName::Version => Ok(()),
     }
 }

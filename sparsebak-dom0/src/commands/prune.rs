@@ -23,10 +23,13 @@
 //! Cost: one pass over the manifests of P and N, one link per moved chunk;
 //! nothing proportional to the volume size.
 
-use super::send::{expect_done, send_meta_file};
+use super::send::expect_done;
 use super::Ctx;
-use crate::manifest::{ChunkState, ManifestWriter};
+use crate::archive_key;
+use crate::crypto::Keys;
+use crate::manifest::{ChunkState, ManifestWriter, Origin};
 use crate::metadir::{write_file_durably, MetaDir, VolumeMeta};
+use crate::metafile::{self, MetaRef};
 use crate::prune_journal::{self, merged_path, JournalState, PruneJournal};
 use crate::session::{SessionId, SessionInfo};
 use crate::testhook_step as step;
@@ -46,6 +49,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         false => ctx.cli.volumes.clone(),
     };
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
+    let keys = archive_key::load(ctx, &meta)?;
     let mut rx = Receiver::connect(&ctx.config)?;
     let mut pruned = 0;
     for name in &names {
@@ -54,8 +58,8 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         if !vm.exists() {
             bail!("volume {name:?} has no sessions in {}", ctx.config.meta_dir.display());
         }
-        pruned +=
-            prune_volume(&vm, &mut rx, &ctx.volume_ref(name), &from, &to).with_context(|| format!("pruning {name}"))?;
+        pruned += prune_volume(&vm, &mut rx, keys.as_ref(), &ctx.volume_ref(name), &from, &to)
+            .with_context(|| format!("pruning {name}"))?;
     }
     rx.finish()?;
     if pruned == 0 {
@@ -77,11 +81,12 @@ fn parse_range(spec: &str) -> Result<(SessionId, SessionId)> {
 fn prune_volume(
     vm: &VolumeMeta,
     rx: &mut Receiver,
+    keys: Option<&Keys>,
     volume: &VolumeRef,
     from: &SessionId,
     to: &SessionId,
 ) -> Result<usize> {
-    settle(vm, rx, volume)?;
+    settle(vm, rx, keys, volume)?;
     let sessions = vm.sessions()?;
     let mut targets: Vec<SessionId> = sessions.iter().filter(|s| *s >= from && *s <= to).cloned().collect();
     if targets.last().is_some() && targets.last() == sessions.last() {
@@ -91,7 +96,7 @@ fn prune_volume(
     for p in targets.iter().rev() {
         let sessions = vm.sessions()?;
         let i = sessions.iter().position(|s| s == p).context("pruned session vanished")?;
-        prune_one(vm, rx, volume, &sessions, i)?;
+        prune_one(vm, rx, keys, volume, &sessions, i)?;
     }
     Ok(targets.len())
 }
@@ -109,7 +114,18 @@ struct Tally {
 }
 
 /// Merges `sessions[i]` into `sessions[i + 1]`.
-fn prune_one(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef, sessions: &[SessionId], i: usize) -> Result<()> {
+///
+/// A chunk moved from P keeps its seal, which names the session it was first
+/// stored in: the merged manifest records that origin (P, or the origin P's
+/// entry already had) so that receive can still open it.
+fn prune_one(
+    vm: &VolumeMeta,
+    rx: &mut Receiver,
+    keys: Option<&Keys>,
+    volume: &VolumeRef,
+    sessions: &[SessionId],
+    i: usize,
+) -> Result<()> {
     let started = Instant::now();
     let (p, n) = (&sessions[i], &sessions[i + 1]);
     let (p_info, n_info) = (vm.info(p)?, vm.info(n)?);
@@ -133,8 +149,9 @@ fn prune_one(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef, sessions: &
     let mut manifest = ManifestWriter::create(&manifest_path)?;
     let mut tally = Tally::default();
     let mut batch = Vec::with_capacity(LINK_BATCH);
+    let p_origin = Origin::new(p.as_str())?;
     for m in vm.merged(&[p.clone(), n.clone()])? {
-        let m = m?;
+        let mut m = m?;
         if m.session == 1 {
             manifest.push(&m.entry)?; // N's own entry wins
             continue;
@@ -150,7 +167,8 @@ fn prune_one(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef, sessions: &
                 continue;
             }
             ChunkState::Zero => tally.zeros_kept += 1,
-            ChunkState::Stored { .. } => {
+            ChunkState::Stored { ref mut origin, .. } => {
+                origin.get_or_insert(p_origin);
                 tally.moved += 1;
                 batch.push(m.entry.addr);
                 if batch.len() == LINK_BATCH {
@@ -164,7 +182,7 @@ fn prune_one(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef, sessions: &
         rx.send(&Request::PruneLink { addrs: batch })?;
     }
     manifest.finish()?;
-    send_meta_file(rx, MetaFile::Manifest, &manifest_path)?;
+    metafile::send(rx, MetaRef { keys, volume, session: n.as_str(), file: MetaFile::Manifest }, &manifest_path)?;
     step("prune addresses sent");
     let linked_bytes = match rx.call(&Request::PruneLinked)? {
         // The receiver's figure only feeds `list`; it cannot exceed P's own.
@@ -187,7 +205,7 @@ fn prune_one(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef, sessions: &
     step("prune journal committed");
     prune_journal::settle_local(vm)?;
     step("local metadata settled");
-    finish_on_receiver(vm, rx, volume, &journal)?;
+    finish_on_receiver(vm, rx, keys, volume, &journal)?;
     log::info!(
         "{}: pruned session {} into {}: {} chunks moved, {} superseded, {} trimmed, {} zero entries kept, {} dropped ({:.2} s)",
         volume.name,
@@ -204,9 +222,16 @@ fn prune_one(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef, sessions: &
 }
 
 /// Tells the receiver to finish a committed prune, then drops the journal.
-fn finish_on_receiver(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef, j: &PruneJournal) -> Result<()> {
+fn finish_on_receiver(
+    vm: &VolumeMeta,
+    rx: &mut Receiver,
+    keys: Option<&Keys>,
+    volume: &VolumeRef,
+    j: &PruneJournal,
+) -> Result<()> {
     let info_path = vm.session_dir(&j.into).join("info");
     let info = std::fs::read(&info_path).with_context(|| format!("reading {}", info_path.display()))?;
+    let info = metafile::seal_single(MetaRef { keys, volume, session: j.into.as_str(), file: MetaFile::Info }, info)?;
     let req =
         Request::PruneFinish { volume: volume.clone(), pruned: j.pruned.to_string(), into: j.into.to_string(), info };
     expect_done(rx.call(&req)?, "prune finish")?;
@@ -218,7 +243,7 @@ fn finish_on_receiver(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef, j:
 
 /// Settles a prune that a kill interrupted: a committed one is finished,
 /// a prepared one rolled back, on both sides.
-pub fn settle(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef) -> Result<()> {
+pub fn settle(vm: &VolumeMeta, rx: &mut Receiver, keys: Option<&Keys>, volume: &VolumeRef) -> Result<()> {
     let Some(j) = PruneJournal::read(vm)? else {
         return Ok(());
     };
@@ -226,7 +251,7 @@ pub fn settle(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef) -> Result<
         JournalState::Committed => {
             log::warn!("{}: finishing the interrupted prune of session {}", volume.name, j.pruned.date_time());
             prune_journal::settle_local(vm)?;
-            finish_on_receiver(vm, rx, volume, &j)
+            finish_on_receiver(vm, rx, keys, volume, &j)
         }
         JournalState::Prepared => {
             log::warn!("{}: rolling back the interrupted prune of session {}", volume.name, j.pruned.date_time());

@@ -11,15 +11,19 @@
 //! never leaves a half-restored file behind.
 
 use super::{confirm, human_bytes, Ctx};
-use crate::chunk::{self, ChunkFault};
+use crate::archive_key;
+use crate::chunk::{self, ChunkCodec, ChunkFault};
+use crate::crypto::Keys;
 use crate::manifest::{ChunkState, MergedEntry};
-use crate::metadir::MetaDir;
+use crate::metadir::{MetaDir, VolumeMeta};
+use crate::metafile::{self, MetaRef};
 use crate::pipeline;
 use crate::progress::Progress;
+use crate::rollback;
 use crate::session::SessionId;
 use crate::transport::{kind, Receiver, RequestSink, ResponseSource};
 use anyhow::{anyhow, bail, Context, Result};
-use sparsebak_proto::{Request, Response, VolumeRef};
+use sparsebak_proto::{MetaFile, Request, Response, VolumeRef};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
@@ -45,6 +49,15 @@ pub fn run(ctx: &Ctx, mode: Mode) -> Result<()> {
         },
         Mode::Verify => ctx.config.select_volumes(&ctx.cli.volumes, false)?,
     };
+    run_on(ctx, mode, &names)
+}
+
+/// `verify` of the given volumes (for `recover`).
+pub fn verify_volumes(ctx: &Ctx, names: &[String]) -> Result<()> {
+    run_on(ctx, Mode::Verify, names)
+}
+
+fn run_on(ctx: &Ctx, mode: Mode, names: &[String]) -> Result<()> {
     let output = match mode {
         Mode::Receive => {
             let path = ctx.cli.save_to.as_deref().context("receive needs --save-to PATH")?;
@@ -53,9 +66,10 @@ pub fn run(ctx: &Ctx, mode: Mode) -> Result<()> {
         Mode::Verify => None,
     };
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
+    let keys = archive_key::load(ctx, &meta)?;
     let wanted = ctx.session_option()?;
     let mut failures = Vec::new();
-    for name in &names {
+    for name in names {
         sparsebak_proto::names::validate_volume_name(name)?;
         let vm = meta.volume(&ctx.pool_dir, name);
         let sessions = vm.sessions()?;
@@ -69,14 +83,14 @@ pub fn run(ctx: &Ctx, mode: Mode) -> Result<()> {
             None => sessions.len() - 1,
         };
         let upto = sessions[..=target].to_vec();
-        let job = RestoreJob {
-            volume: ctx.volume_ref(name),
-            info: vm.info(&upto[target])?,
-            merged: vm.merged(&upto)?,
-            sessions: upto,
-        };
-        let rx = Receiver::connect(&ctx.config)?;
-        let outcome = restore_volume(rx, job, output.as_ref())?;
+        let volume = ctx.volume_ref(name);
+        let mut rx = Receiver::connect(&ctx.config)?;
+        rollback::check(&volume, &sessions, &rollback::archive_sessions(&mut rx, &volume)?)?;
+        if mode == Mode::Verify {
+            failures.extend(check_metadata(&mut rx, &vm, keys.as_ref(), &volume, &upto)?);
+        }
+        let job = RestoreJob { info: vm.info(&upto[target])?, merged: vm.merged(&upto)?, sessions: upto, volume };
+        let outcome = restore_volume(rx, job, output.as_ref(), keys.as_ref())?;
         if let Some(f) = outcome {
             failures.push(f);
         }
@@ -85,6 +99,33 @@ pub fn run(ctx: &Ctx, mode: Mode) -> Result<()> {
         bail!("{}", failures.join("; "));
     }
     Ok(())
+}
+
+/// Compares the archive's sealed info and manifest of each session with
+/// dom0's: catches a truncated, altered, swapped or replayed metadata file.
+/// Returns one line per bad file.
+fn check_metadata(
+    rx: &mut Receiver,
+    vm: &VolumeMeta,
+    keys: Option<&Keys>,
+    volume: &VolumeRef,
+    sessions: &[SessionId],
+) -> Result<Vec<String>> {
+    let mut bad = Vec::new();
+    for s in sessions {
+        for file in [MetaFile::Info, MetaFile::Manifest] {
+            let m = MetaRef { keys, volume, session: s.as_str(), file };
+            match metafile::compare(rx, m, &vm.session_dir(s).join(file.file_name())) {
+                Ok(()) => {}
+                Err(e) if e.is::<metafile::BadMeta>() => {
+                    log::error!("{e:#}");
+                    bad.push(format!("{e:#}"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(bad)
 }
 
 struct RestoreJob {
@@ -208,7 +249,12 @@ struct Checked {
 }
 
 /// Returns `Some(summary)` when chunks failed their checks.
-fn restore_volume(rx: Receiver, job: RestoreJob, output: Option<&Output>) -> Result<Option<String>> {
+fn restore_volume(
+    rx: Receiver,
+    job: RestoreJob,
+    output: Option<&Output>,
+    keys: Option<&Keys>,
+) -> Result<Option<String>> {
     let started = Instant::now();
     let RestoreJob { volume, info, merged, sessions } = job;
     let target = sessions.last().cloned().context("no session")?;
@@ -231,6 +277,8 @@ fn restore_volume(rx: Receiver, job: RestoreJob, output: Option<&Output>) -> Res
     let mut stored = 0u64;
     let jobs = order_rx.into_iter().map(|entry| fetch(entry?, &mut responses, size, cs));
     let progress = Progress::bytes(&label, size);
+    let codec = ChunkCodec { keys, volume: &volume };
+    let check = |f| check(f, &codec, &sessions);
     let result = pipeline::ordered_map(jobs, pipeline::default_workers(), check, |c: Checked| {
         let addr = c.entry.entry.addr;
         progress.set_position(addr);
@@ -357,11 +405,18 @@ fn fetch(entry: MergedEntry, responses: &mut ResponseSource, size: u64, cs: u64)
     Ok(Fetched { entry, answer, len })
 }
 
-fn check(f: Fetched) -> Result<Checked> {
+fn check(f: Fetched, codec: &ChunkCodec, sessions: &[SessionId]) -> Result<Checked> {
+    let addr = f.entry.entry.addr;
     let outcome = match (f.answer, &f.entry.entry.state) {
         (None, _) => Ok(None),
         (Some(Err(why)), _) => Err(why),
-        (Some(Ok(data)), state) => chunk::unpack(&data, state, f.len).map(Some).map_err(|e: ChunkFault| e.to_string()),
+        (Some(Ok(data)), state) => {
+            let origin = match state {
+                ChunkState::Stored { origin: Some(o), .. } => o.as_str(),
+                _ => sessions[f.entry.session].as_str(),
+            };
+            chunk::unpack(&data, state, f.len, codec, origin, addr).map(Some).map_err(|e: ChunkFault| e.to_string())
+        }
     };
     Ok(Checked { entry: f.entry, len: f.len, outcome })
 }

@@ -16,6 +16,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let names = ctx.config.select_volumes(&ctx.cli.volumes, true)?;
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
     let pool = ctx.require_thin_pool("resync")?;
+    let keys = crate::archive_key::load(ctx, &meta)?;
     for name in &names {
         let vm = meta.volume(&ctx.pool_dir, name);
         let sessions = vm.sessions()?;
@@ -28,7 +29,9 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         let mut map = tracked.map_for_resync(cs, tick.size())?;
         let before = map.count_marked();
         let jobs = ScanJobs::new(&mut tick, vm.merged(&sessions)?, Candidates::AllData, cs, false);
-        let work = |job: chunk::ChunkJob| Ok((job.addr, chunk::differs(job)));
+        let volume = ctx.volume_ref(name);
+        let codec = chunk::ChunkCodec { keys: keys.as_ref(), volume: &volume };
+        let work = |job: chunk::ChunkJob| Ok((job.addr, chunk::differs(job, &codec)));
         pipeline::ordered_map(jobs, pipeline::default_workers(), work, |(addr, differs)| {
             if differs {
                 map.mark(addr / cs)?;

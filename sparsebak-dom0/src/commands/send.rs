@@ -14,31 +14,36 @@
 //! session.
 
 use super::{human_bytes, Ctx};
-use crate::chunk::{self, Packed};
+use crate::archive_key;
+use crate::chunk::{self, ChunkCodec, Packed};
 use crate::config::SourceKind;
+use crate::crypto::Keys;
 use crate::image::ImageVolume;
 use crate::lvm::commands::ThinPool;
 use crate::lvm::tracking::TrackedVolume;
 use crate::manifest::{ChunkState, ManifestEntry, ManifestWriter};
 use crate::metadir::{write_file_durably, MetaDir, VolumeMeta};
+use crate::metafile::{self, MetaRef};
 use crate::pipeline;
 use crate::progress::Progress;
+use crate::rollback;
 use crate::scan::{Candidates, ScanJobs};
 use crate::session::{SessionFormat, SessionId, SessionInfo};
 use crate::transport::{kind, Receiver};
 use anyhow::{bail, Context, Result};
-use sparsebak_proto::msg::META_PIECE;
 use sparsebak_proto::{MetaFile, Request, Response, VolumeRef};
-use std::io::Read;
 use std::time::Instant;
 
 pub fn run(ctx: &Ctx) -> Result<()> {
     let names = ctx.config.select_volumes(&ctx.cli.volumes, true)?;
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
+    let keys = archive_key::for_send(ctx, &meta)?;
     let pool = ctx.thin_pool()?;
     let mut rx = Receiver::connect(&ctx.config)?;
+    let keys = keys.establish(ctx, &mut rx)?;
     for name in &names {
-        send_volume(ctx, &meta, pool.as_ref(), &mut rx, name).with_context(|| format!("sending {name}"))?;
+        send_volume(ctx, &meta, pool.as_ref(), &mut rx, keys.as_ref(), name)
+            .with_context(|| format!("sending {name}"))?;
     }
     rx.finish()
 }
@@ -51,12 +56,20 @@ struct Tally {
     zeros: u64,
 }
 
-fn send_volume(ctx: &Ctx, meta: &MetaDir, pool: Option<&ThinPool>, rx: &mut Receiver, name: &str) -> Result<()> {
+fn send_volume(
+    ctx: &Ctx,
+    meta: &MetaDir,
+    pool: Option<&ThinPool>,
+    rx: &mut Receiver,
+    keys: Option<&Keys>,
+    name: &str,
+) -> Result<()> {
     let started = Instant::now();
     let vm = meta.volume(&ctx.pool_dir, name);
     let volume = ctx.volume_ref(name);
     let archive_sessions = reconcile(&vm, rx, &volume)?;
     let sessions = vm.sessions()?;
+    rollback::check(&volume, &sessions, &archive_sessions)?;
     let missing: Vec<&SessionId> = sessions.iter().filter(|s| !archive_sessions.contains(s)).collect();
     let full = !missing.is_empty();
     if full {
@@ -101,7 +114,9 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, pool: Option<&ThinPool>, rx: &mut Rece
 
     let jobs = ScanJobs::new(&mut source, vm.merged(&sessions)?, candidates, chunk_size, full);
     let progress = Progress::bytes(&format!("send {name}"), size);
-    pipeline::ordered_map(jobs, pipeline::default_workers(), chunk::pack, |(addr, packed)| {
+    let codec = ChunkCodec { keys, volume: &volume };
+    let pack = |job| chunk::pack(job, &codec, id.as_str());
+    pipeline::ordered_map(jobs, pipeline::default_workers(), pack, |(addr, packed)| {
         progress.set_position(addr);
         let state = match packed {
             Packed::Unchanged => return Ok(()),
@@ -114,7 +129,7 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, pool: Option<&ThinPool>, rx: &mut Rece
                 tally.chunks += 1;
                 tally.bytes += data.len() as u64;
                 rx.send(&Request::PutChunk { addr, data })?;
-                ChunkState::Stored { plain, stored }
+                ChunkState::Stored { plain, stored, origin: None }
             }
         };
         manifest.push(&ManifestEntry { addr, state })
@@ -141,8 +156,10 @@ fn send_volume(ctx: &Ctx, meta: &MetaDir, pool: Option<&ThinPool>, rx: &mut Rece
     };
     write_file_durably(&tmp.join("info"), info.to_text().as_bytes())?;
     begin_once(rx, &mut begun, &volume, &id, format)?;
-    send_meta_file(rx, MetaFile::Manifest, &tmp.join("manifest"))?;
-    send_meta_file(rx, MetaFile::Info, &tmp.join("info"))?;
+    for file in [MetaFile::Manifest, MetaFile::Info] {
+        let m = MetaRef { keys, volume: &volume, session: id.as_str(), file };
+        metafile::send(rx, m, &tmp.join(file.file_name()))?;
+    }
     expect_done(rx.call(&Request::Commit)?, "commit")?;
     vm.promote(&id)?;
     if let Some(t) = tracked {
@@ -183,29 +200,10 @@ pub(super) fn expect_done(resp: Response, what: &str) -> Result<()> {
     }
 }
 
-pub(super) fn send_meta_file(rx: &mut Receiver, file: MetaFile, path: &std::path::Path) -> Result<()> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut buf = vec![0u8; META_PIECE];
-    // At least one piece, even for an empty manifest, so the file exists.
-    let mut first = true;
-    loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 && !first {
-            return Ok(());
-        }
-        first = false;
-        rx.send(&Request::PutMeta { file, data: buf[..n].to_vec() })?;
-    }
-}
-
 /// Brings dom0's metadata in line with the archive after an interrupted
 /// send, and returns the archive's committed sessions of the volume.
 fn reconcile(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef) -> Result<Vec<SessionId>> {
-    let listed = match rx.call(&Request::ListSessions { volume: volume.clone() })? {
-        Response::Sessions(s) => s,
-        other => bail!("unexpected answer to list sessions: {}", kind(&other)),
-    };
-    let archive: Vec<SessionId> = listed.iter().filter_map(|s| SessionId::parse(s).ok()).collect();
+    let archive = rollback::archive_sessions(rx, volume)?;
     for id in vm.unfinished_sessions()? {
         if archive.contains(&id) && vm.tmp_session_dir(&id).join("info").is_file() {
             log::warn!(

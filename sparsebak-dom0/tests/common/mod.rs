@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub const VOL: &str = "disk.img";
+/// The passphrase every test archive is created with (`Env::run` passes
+/// `--passphrase-file` on every command).
+pub const PASSPHRASE: &str = "test passphrase 1234";
 pub const MIB: u64 = 1 << 20;
 
 pub struct Env {
@@ -27,6 +30,7 @@ impl Env {
         }
         let env = Env { dir, mounted: false };
         env.write_config(&env.mnt(), &[(VOL, "enable")]);
+        std::fs::write(env.passphrase_file(), format!("{PASSPHRASE}\n")).expect("write passphrase");
         let mut env = env;
         env.mount(archive_mib);
         env
@@ -40,6 +44,9 @@ impl Env {
     }
     pub fn image(&self) -> PathBuf {
         self.path("images").join(VOL)
+    }
+    pub fn passphrase_file(&self) -> PathBuf {
+        self.path("passphrase")
     }
     pub fn config(&self) -> PathBuf {
         self.path("meta/sparsebak.ini")
@@ -69,8 +76,13 @@ impl Env {
     }
 
     pub fn write_config(&self, mountpoint: &Path, volumes: &[(&str, &str)]) {
+        self.write_config_with(mountpoint, volumes, "");
+    }
+
+    /// `extra_var` lines go into `[var]` (e.g. `"encryption = off\n"`).
+    pub fn write_config_with(&self, mountpoint: &Path, volumes: &[(&str, &str)], extra_var: &str) {
         let mut text = format!(
-            "[var]\nlocaldir = {}\ndestvm = none\ndestmountpoint = {}\ndestdir = backups\n\n[volumes]\n",
+            "[var]\nlocaldir = {}\ndestvm = none\ndestmountpoint = {}\ndestdir = backups\n{extra_var}\n[volumes]\n",
             self.path("images").display(),
             mountpoint.display()
         );
@@ -80,15 +92,36 @@ impl Env {
         std::fs::write(self.config(), text).expect("write config");
     }
 
-    /// Runs sparsebak with `--config` and the given arguments.
+    /// Runs sparsebak with `--config`, `--passphrase-file` and the given
+    /// arguments.
     pub fn run(&self, args: &[&str]) -> Output {
         let out = Command::new(env!("CARGO_BIN_EXE_sparsebak"))
             .arg("--config")
             .arg(self.config())
+            .arg("--passphrase-file")
+            .arg(self.passphrase_file())
             .args(args)
             .output()
             .expect("spawn sparsebak");
         assert_receiver_built();
+        out
+    }
+
+    /// Runs sparsebak with `--config` only (no passphrase file).
+    pub fn run_bare(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_sparsebak"))
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .output()
+            .expect("spawn sparsebak")
+    }
+
+    /// Every file under the archive's mount point.
+    pub fn archive_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        walk(&self.mnt(), &mut out);
+        out.sort();
         out
     }
 

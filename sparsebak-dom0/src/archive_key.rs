@@ -1,0 +1,106 @@
+//! Which key (if any) a command works with, decided once for all commands.
+//!
+//! The mode of a pool's archive is fixed when its first session is sent:
+//! encrypted when dom0 then holds a key file, else not. The config's
+//! `encryption` must agree with that afterwards, so a typo can never send
+//! plaintext into an encrypted archive or the other way round.
+
+use crate::crypto::Keys;
+use crate::keyfile::{self, WrappedKey};
+use crate::metadir::MetaDir;
+use crate::passphrase::{self, Passphrase};
+use crate::transport::{kind, Receiver};
+use anyhow::{bail, Result};
+use sparsebak_proto::{Request, Response};
+use std::path::PathBuf;
+
+use crate::commands::Ctx;
+
+fn key_path(ctx: &Ctx) -> PathBuf {
+    keyfile::dom0_key_path(&ctx.config.meta_dir, &ctx.pool_dir)
+}
+
+/// The keys of an existing archive, from dom0's key file: what every
+/// command but the first send (and `recover`) uses. No passphrase needed.
+pub fn load(ctx: &Ctx, meta: &MetaDir) -> Result<Option<Keys>> {
+    let path = key_path(ctx);
+    match (keyfile::load_dom0_key(&path)?, ctx.config.encryption) {
+        (Some(key), true) => Ok(Some(Keys::from_data_key(&key))),
+        (Some(_), false) => bail!(
+            "the archive of {} is encrypted (dom0 holds its key {}), but the config says encryption = off",
+            ctx.pool_dir,
+            path.display()
+        ),
+        (None, false) => Ok(None),
+        (None, true) if meta.volumes_with_metadata(&ctx.pool_dir)?.is_empty() => Ok(None),
+        (None, true) => bail!(
+            "dom0 has sessions of {} but no key file {}: set `encryption = off` for an archive made without \
+             encryption, or rebuild dom0's metadata with `sparsebak recover`",
+            ctx.pool_dir,
+            path.display()
+        ),
+    }
+}
+
+/// What `send` starts from: the keys of an existing archive, or a
+/// passphrase for the key of a new one (obtained before anything is
+/// written, so that `-u` without `--passphrase-file` fails cleanly).
+pub enum SendKeys {
+    Ready(Option<Keys>),
+    Create(Passphrase),
+}
+
+pub fn for_send(ctx: &Ctx, meta: &MetaDir) -> Result<SendKeys> {
+    let existing = load(ctx, meta)?;
+    if existing.is_some() || !ctx.config.encryption {
+        return Ok(SendKeys::Ready(existing));
+    }
+    let file = ctx.cli.passphrase_file.as_deref();
+    if file.is_none() && ctx.cli.unattended {
+        bail!(
+            "creating an encrypted archive needs a passphrase for its key: give --passphrase-file PATH \
+             (or run once without -u to be asked), or set `encryption = off`"
+        );
+    }
+    Ok(SendKeys::Create(passphrase::new(file)?))
+}
+
+impl SendKeys {
+    /// The keys to send with: a new key is stored wrapped in the archive
+    /// first, then in dom0 (if dom0 fails in between, `recover` gets it back).
+    pub fn establish(self, ctx: &Ctx, rx: &mut Receiver) -> Result<Option<Keys>> {
+        let pass = match self {
+            SendKeys::Ready(keys) => return Ok(keys),
+            SendKeys::Create(pass) => pass,
+        };
+        if archive_wrapped_key(ctx, rx)?.is_some() {
+            bail!(
+                "the archive already holds a key for {} that dom0 lacks: run `sparsebak recover` to rebuild dom0's \
+                 metadata from the archive",
+                ctx.pool_dir
+            );
+        }
+        let key = crate::crypto::new_data_key()?;
+        let wrapped = WrappedKey::wrap(&key, &pass, &ctx.pool_dir)?;
+        match rx.call(&Request::PutKey { pool: ctx.pool_dir.clone(), data: wrapped.to_text().into_bytes() })? {
+            Response::Done => {}
+            other => bail!("unexpected answer to store key: {}", kind(&other)),
+        }
+        keyfile::save_dom0_key(&key_path(ctx), &key)?;
+        log::info!("{}: new encrypted archive; keep the passphrase: it is needed to recover", ctx.pool_dir);
+        Ok(Some(Keys::from_data_key(&key)))
+    }
+}
+
+/// The archive's wrapped key of this pool, if it has one.
+pub fn archive_wrapped_key(ctx: &Ctx, rx: &mut Receiver) -> Result<Option<WrappedKey>> {
+    match rx.call(&Request::GetKey { pool: ctx.pool_dir.clone() })? {
+        Response::Key(None) => Ok(None),
+        Response::Key(Some(data)) if data.len() <= keyfile::MAX_WRAPPED_LEN => {
+            let text = String::from_utf8(data).map_err(|_| anyhow::anyhow!("the archive's key file is not text"))?;
+            Ok(Some(WrappedKey::parse(&text)?))
+        }
+        Response::Key(Some(_)) => bail!("the archive's key file is too large"),
+        other => bail!("unexpected answer to read key: {}", kind(&other)),
+    }
+}

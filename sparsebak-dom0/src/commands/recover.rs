@@ -1,0 +1,131 @@
+//! `recover [VOL...]`: after dom0's metadata was lost, rebuild it from the
+//! archive alone: the data key (unwrapped with the passphrase), then every
+//! session's info and manifest of each configured volume (default: all of
+//! them, enabled or not), then `verify` the latest session of each.
+//!
+//! Everything read is untrusted until opened: in an encrypted archive each
+//! metadata piece must open under the key with its volume, session, file
+//! and position bound in, so the receiver can withhold sessions but not
+//! forge, alter or move one. Manifests are also checked for order and size
+//! before they are kept. Rollback to an older archive copy cannot be
+//! detected here (dom0's record of the newest session is what was lost);
+//! the recovered sessions are listed so the user can judge.
+
+use super::{restore, Ctx};
+use crate::archive_key;
+use crate::crypto::Keys;
+use crate::keyfile;
+use crate::manifest::ManifestReader;
+use crate::metadir::{write_file_durably, MetaDir, VolumeMeta};
+use crate::metafile::{self, MetaRef};
+use crate::passphrase;
+use crate::rollback;
+use crate::session::{SessionId, SessionInfo};
+use crate::transport::Receiver;
+use anyhow::{bail, Context, Result};
+use sparsebak_proto::{MetaFile, VolumeRef};
+use std::io::Write;
+
+/// Largest info file accepted from the archive.
+const MAX_INFO: u64 = 64 * 1024;
+/// Longest manifest line: two hashes, the address and an origin.
+const MAX_LINE: u64 = 64 + 1 + 64 + 1 + 17 + 1 + 17 + 1;
+
+pub fn run(ctx: &Ctx) -> Result<()> {
+    let names = ctx.config.select_volumes(&ctx.cli.volumes, false)?;
+    let recovered = {
+        let meta = MetaDir::lock(&ctx.config.meta_dir)?;
+        let key_path = keyfile::dom0_key_path(&ctx.config.meta_dir, &ctx.pool_dir);
+        if key_path.exists() {
+            bail!("dom0 already holds the key {}; recover only rebuilds lost metadata", key_path.display());
+        }
+        for name in &names {
+            if !meta.volume(&ctx.pool_dir, name).sessions()?.is_empty() {
+                bail!("dom0 already has sessions of {name}; recover only rebuilds lost metadata");
+            }
+        }
+        let mut rx = Receiver::connect(&ctx.config)?;
+        let keys = recover_key(ctx, &mut rx)?;
+        let mut recovered = Vec::new();
+        for name in &names {
+            let volume = ctx.volume_ref(name);
+            let vm = meta.volume(&ctx.pool_dir, name);
+            let count =
+                recover_volume(&mut rx, keys.as_ref(), &volume, &vm).with_context(|| format!("recovering {name}"))?;
+            if count > 0 {
+                let latest = vm.sessions()?.last().map(|s| s.date_time().to_string()).unwrap_or_default();
+                log::info!("{name}: recovered {count} session(s), the newest {latest}");
+                recovered.push(name.clone());
+            } else {
+                log::warn!("{name}: the archive holds no session of it");
+            }
+        }
+        rx.finish()?;
+        recovered
+    };
+    if recovered.is_empty() {
+        bail!("the archive holds no session of the volumes named; nothing recovered");
+    }
+    restore::verify_volumes(ctx, &recovered)
+}
+
+/// Unwraps the archive's key with the passphrase and keeps it in dom0; an
+/// archive without a key must be an unencrypted one.
+fn recover_key(ctx: &Ctx, rx: &mut Receiver) -> Result<Option<Keys>> {
+    match (archive_key::archive_wrapped_key(ctx, rx)?, ctx.config.encryption) {
+        (Some(wrapped), true) => {
+            let pass = passphrase::existing(ctx.cli.passphrase_file.as_deref())?;
+            let key = wrapped.unwrap_key(&pass, &ctx.pool_dir)?;
+            keyfile::save_dom0_key(&keyfile::dom0_key_path(&ctx.config.meta_dir, &ctx.pool_dir), &key)?;
+            Ok(Some(Keys::from_data_key(&key)))
+        }
+        (Some(_), false) => bail!("the archive of {} is encrypted, but the config says encryption = off", ctx.pool_dir),
+        (None, true) => bail!(
+            "the archive holds no key for {}: it was made without encryption (set `encryption = off` to recover it) \
+             or this is not the right destination",
+            ctx.pool_dir
+        ),
+        (None, false) => Ok(None),
+    }
+}
+
+/// Rebuilds every session of one volume; returns how many.
+fn recover_volume(rx: &mut Receiver, keys: Option<&Keys>, volume: &VolumeRef, vm: &VolumeMeta) -> Result<usize> {
+    let mut sessions = rollback::archive_sessions(rx, volume)?;
+    sessions.sort();
+    for id in &sessions {
+        let tmp = vm.tmp_session_dir(id);
+        if tmp.exists() {
+            vm.discard_unfinished(id)?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let info = fetch_info(rx, MetaRef { keys, volume, session: id.as_str(), file: MetaFile::Info })?;
+        write_file_durably(&tmp.join("info"), info.to_text().as_bytes())?;
+        let lines = info.volume_size.div_ceil(info.chunk_size);
+        let m = MetaRef { keys, volume, session: id.as_str(), file: MetaFile::Manifest };
+        fetch_manifest(rx, m, lines.saturating_mul(MAX_LINE), &tmp.join("manifest"))?;
+        vm.promote(id)?;
+    }
+    Ok(sessions.len())
+}
+
+fn fetch_info(rx: &mut Receiver, m: MetaRef) -> Result<SessionInfo> {
+    let mut text = Vec::new();
+    metafile::fetch(rx, m, MAX_INFO, |piece| {
+        text.extend_from_slice(piece);
+        Ok(())
+    })?;
+    let text = String::from_utf8(text).with_context(|| format!("info of session {} is not text", m.session))?;
+    SessionInfo::parse(&text).with_context(|| format!("info of session {}", m.session))
+}
+
+fn fetch_manifest(rx: &mut Receiver, m: MetaRef, max_len: u64, path: &std::path::Path) -> Result<()> {
+    let mut f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    metafile::fetch(rx, m, max_len, |piece| f.write_all(piece).with_context(|| format!("writing {}", path.display())))?;
+    f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+    for entry in ManifestReader::open(path)? {
+        entry.with_context(|| format!("manifest of session {} from the archive", m.session))?;
+    }
+    let _ = SessionId::parse(m.session)?;
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! Where the data key is kept, and its passphrase-wrapped copy.
+//!
+//! - dom0: `META/VG%POOL/.sparsebak-key`, the raw key in hex, mode 0600,
+//!   written durably. Routine commands read it and never need a passphrase.
+//! - archive: `DEST/VG%POOL/.sparsebak-key`, the key sealed under a key
+//!   derived from the passphrase with Argon2id, with the KDF parameters and
+//!   salt beside it (text `key=value` lines), so that a new dom0 can rebuild
+//!   everything from the archive and the passphrase (`recover`).
+//!
+//! The leading dot keeps both files clear of volume names, which may not
+//! start with one.
+
+use crate::crypto::{open_with, seal_with, Aad, DataKey};
+use anyhow::{anyhow, bail, Context, Result};
+use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+pub const KEY_FILE: &str = ".sparsebak-key";
+
+/// Largest wrapped-key file either side accepts.
+pub const MAX_WRAPPED_LEN: usize = 4096;
+
+/// Argon2id cost for new keys: 64 MiB, 3 passes (the RFC 9106 "second
+/// recommended" setting); only `send` of a new archive and `recover` pay it.
+const KDF_M_KIB: u32 = 64 * 1024;
+const KDF_T: u32 = 3;
+const KDF_P: u32 = 1;
+/// Caps on parameters read from the archive: a hostile receiver must not
+/// make dom0 allocate or compute without bound.
+const KDF_M_KIB_MAX: u32 = 1 << 20;
+const KDF_T_MAX: u32 = 64;
+const KDF_P_MAX: u32 = 16;
+
+/// dom0's copy of the data key of one pool folder.
+pub fn dom0_key_path(meta_root: &Path, pool_dir: &str) -> PathBuf {
+    meta_root.join(pool_dir).join(KEY_FILE)
+}
+
+pub fn load_dom0_key(path: &Path) -> Result<Option<DataKey>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => Zeroizing::new(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading key {}", path.display())),
+    };
+    let key = unhex32(text.trim()).with_context(|| format!("key file {} is damaged", path.display()))?;
+    Ok(Some(key))
+}
+
+/// Writes dom0's key file: 0600, never over an existing one, fsynced with
+/// its folder.
+pub fn save_dom0_key(path: &Path, key: &DataKey) -> Result<()> {
+    let dir = path.parent().context("key path has no folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let text = Zeroizing::new(format!("{}\n", hex(key.as_slice())));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating key {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing key {}", path.display()))?;
+    crate::metadir::fsync_dir(dir)
+}
+
+/// The passphrase-wrapped data key as stored in the archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    m_kib: u32,
+    t: u32,
+    p: u32,
+    salt: [u8; 16],
+    sealed: Vec<u8>,
+}
+
+impl WrappedKey {
+    pub fn wrap(key: &DataKey, passphrase: &[u8], pool: &str) -> Result<WrappedKey> {
+        let (m_kib, t, p, salt) = (KDF_M_KIB, KDF_T, KDF_P, crate::crypto::random()?);
+        let kek = derive(passphrase, &salt, m_kib, t, p)?;
+        let sealed = seal_with(&kek, &Aad::WrappedKey { pool }, key.as_slice())?;
+        Ok(WrappedKey { m_kib, t, p, salt, sealed })
+    }
+
+    /// The data key, or an error that says the passphrase is wrong (the two
+    /// cannot be told apart from a tampered file, and the message says so).
+    pub fn unwrap_key(&self, passphrase: &[u8], pool: &str) -> Result<DataKey> {
+        let kek = derive(passphrase, &self.salt, self.m_kib, self.t, self.p)?;
+        let plain = Zeroizing::new(
+            open_with(&kek, &Aad::WrappedKey { pool }, &self.sealed)
+                .map_err(|_| anyhow!("wrong passphrase (or the archive's key file was altered)"))?,
+        );
+        let key: [u8; 32] = plain.as_slice().try_into().map_err(|_| anyhow!("the archive's key has a wrong length"))?;
+        Ok(Zeroizing::new(key))
+    }
+
+    pub fn to_text(&self) -> String {
+        format!(
+            "kdf=argon2id\nm_kib={}\nt={}\np={}\nsalt={}\nsealed={}\n",
+            self.m_kib,
+            self.t,
+            self.p,
+            hex(&self.salt),
+            hex(&self.sealed)
+        )
+    }
+
+    pub fn parse(text: &str) -> Result<WrappedKey> {
+        let kv: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+        let get = |k: &str| kv.get(k).copied().ok_or_else(|| anyhow!("key file lacks {k:?}"));
+        let num = |k: &str, max: u32| -> Result<u32> {
+            let v: u32 = get(k)?.parse().with_context(|| format!("key file {k:?}"))?;
+            if v == 0 || v > max {
+                bail!("key file {k:?} = {v} is out of range (1..={max})");
+            }
+            Ok(v)
+        };
+        if get("kdf")? != "argon2id" {
+            bail!("key file: unknown kdf {:?}", get("kdf")?);
+        }
+        let salt = unhex(get("salt")?)?.try_into().map_err(|_| anyhow!("key file: salt must be 16 bytes"))?;
+        Ok(WrappedKey {
+            m_kib: num("m_kib", KDF_M_KIB_MAX)?,
+            t: num("t", KDF_T_MAX)?,
+            p: num("p", KDF_P_MAX)?,
+            salt,
+            sealed: unhex(get("sealed")?)?,
+        })
+    }
+}
+
+fn derive(passphrase: &[u8], salt: &[u8], m_kib: u32, t: u32, p: u32) -> Result<XChaCha20Poly1305> {
+    let params = argon2::Params::new(m_kib, t, p, Some(32)).map_err(|e| anyhow!("argon2 parameters: {e}"))?;
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut kek = Zeroizing::new([0u8; 32]);
+    argon.hash_password_into(passphrase, salt, kek.as_mut_slice()).map_err(|e| anyhow!("argon2: {e}"))?;
+    Ok(XChaCha20Poly1305::new(kek.as_slice().into()))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>> {
+    if s.len() % 2 == 1 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+        bail!("bad hex string");
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| anyhow!("bad hex"))).collect()
+}
+
+fn unhex32(s: &str) -> Result<DataKey> {
+    let v = Zeroizing::new(unhex(s)?);
+    let key: [u8; 32] = v.as_slice().try_into().map_err(|_| anyhow!("a key must be 32 bytes"))?;
+    Ok(Zeroizing::new(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_round_trip_and_wrong_passphrase() {
+        let key = crate::crypto::new_data_key().expect("key");
+        let w = WrappedKey::wrap(&key, b"correct horse", "vg%pool").expect("wraps");
+        let parsed = WrappedKey::parse(&w.to_text()).expect("parses");
+        assert_eq!(parsed, w);
+        assert_eq!(*parsed.unwrap_key(b"correct horse", "vg%pool").expect("unwraps"), *key);
+        let err = parsed.unwrap_key(b"wrong", "vg%pool").expect_err("refused");
+        assert!(err.to_string().contains("wrong passphrase"), "{err}");
+        assert!(parsed.unwrap_key(b"correct horse", "vg%other").is_err());
+    }
+
+    #[test]
+    fn hostile_kdf_parameters_are_refused() {
+        let key = crate::crypto::new_data_key().expect("key");
+        let text = WrappedKey::wrap(&key, b"pw", "p%q").expect("wraps").to_text();
+        let huge = text.replace(&format!("m_kib={KDF_M_KIB}"), "m_kib=4000000000");
+        assert!(WrappedKey::parse(&huge).is_err());
+        assert!(WrappedKey::parse(&text.replace("kdf=argon2id", "kdf=none")).is_err());
+    }
+
+    #[test]
+    fn dom0_key_file_is_private_and_never_overwritten() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dom0_key_path(dir.path(), "vg%pool");
+        assert!(load_dom0_key(&path).expect("reads").is_none());
+        let key = crate::crypto::new_data_key().expect("key");
+        save_dom0_key(&path, &key).expect("saves");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(*load_dom0_key(&path).expect("reads").expect("present"), *key);
+        assert!(save_dom0_key(&path, &key).is_err());
+    }
+}

@@ -1,0 +1,57 @@
+//! Rollback detection: an archive replaced by an older copy of itself.
+//!
+//! dom0's own session records are the reference: dom0 adds a session only
+//! after the receiver committed it, and the newest session of a volume is
+//! never pruned, so the archive must always hold dom0's newest session of
+//! every volume. The archive's copy of that session's info and manifest is
+//! sealed (bound to volume and session), so it cannot be forged from older
+//! ones either; `verify` compares them with dom0's. An archive that lacks
+//! the volume entirely (a new or wiped backup disk) is not a rollback: `send`
+//! then stores the whole volume again.
+
+use crate::session::SessionId;
+use crate::transport::{kind, Receiver};
+use anyhow::{bail, Result};
+use sparsebak_proto::{Request, Response, VolumeRef};
+
+/// The archive's committed sessions of a volume (names it cannot parse are
+/// not sessions).
+pub fn archive_sessions(rx: &mut Receiver, volume: &VolumeRef) -> Result<Vec<SessionId>> {
+    match rx.call(&Request::ListSessions { volume: volume.clone() })? {
+        Response::Sessions(s) => Ok(s.iter().filter_map(|s| SessionId::parse(s).ok()).collect()),
+        other => bail!("unexpected answer to list sessions: {}", kind(&other)),
+    }
+}
+
+/// Fails when the archive holds sessions of the volume but not dom0's newest.
+pub fn check(volume: &VolumeRef, dom0: &[SessionId], archive: &[SessionId]) -> Result<()> {
+    let Some(newest) = dom0.last() else { return Ok(()) };
+    if archive.is_empty() || archive.contains(newest) {
+        return Ok(());
+    }
+    let archive_newest = archive.iter().max().map_or("none", |s| s.date_time());
+    bail!(
+        "{}: the archive lacks session {}, the newest that dom0 recorded (the archive's newest is {archive_newest}): \
+         the archive was rolled back to an older copy, or sessions were removed behind dom0's back",
+        volume.name,
+        newest.date_time()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newest_must_be_present_unless_the_archive_is_empty() {
+        let v = VolumeRef { pool: "p%q".into(), name: "vol".into() };
+        let s = |n: &str| SessionId::parse(n).expect("valid");
+        let dom0 = [s("S_20261129-083000"), s("S_20261129-090000")];
+        assert!(check(&v, &dom0, &dom0).is_ok());
+        assert!(check(&v, &dom0, &[]).is_ok());
+        assert!(check(&v, &dom0, &[s("S_20261129-090000")]).is_ok());
+        let err = check(&v, &dom0, &[s("S_20261129-083000")]).expect_err("rolled back");
+        assert!(err.to_string().contains("rolled back"), "{err}");
+        assert!(check(&v, &[], &dom0).is_ok());
+    }
+}

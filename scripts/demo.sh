@@ -32,7 +32,10 @@ destdir = backups
 [volumes]
 sample.img = enable
 INI
-sb() { echo "+ sparsebak $*"; "$bin" --config "$work/meta/sparsebak.ini" "$@"; }
+# The archive is encrypted (the default); the passphrase protects the copy
+# of the data key kept in the archive. A real setup keeps it somewhere safe.
+printf 'demo passphrase, not a secret\n' > "$work/passphrase"
+sb() { echo "+ sparsebak $*"; "$bin" --config "$work/meta/sparsebak.ini" --passphrase-file "$work/passphrase" "$@"; }
 
 echo "== first send: the whole volume"
 sb send
@@ -44,6 +47,8 @@ echo "new tail" | dd of="$img" bs=1M seek=120 conv=notrunc status=none
 sb send
 sb list sample.img
 first=$("$bin" --config "$work/meta/sparsebak.ini" list sample.img | head -n1 | cut -d" " -f1)
+echo "== nothing readable in the archive: a marker string from the image is not there"
+if grep -rqa "1999999" "$work/archive/backups"; then echo "marker found in the archive" >&2; exit 1; fi
 echo "== verify, then restore both sessions and compare"
 sb verify
 sb receive sample.img -u --save-to "$work/restored-latest.img"

@@ -200,25 +200,7 @@ impl VolumeMeta {
     }
 }
 
-pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing folder {}", dir.display()))
-}
-
-/// Writes `data` to `path` durably (temp file, fsync, rename).
-pub fn write_file_durably(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("new");
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().with_context(|| format!("writing {}", path.display()))?;
-    match path.parent() {
-        Some(p) => fsync_dir(p),
-        None => Ok(()),
-    }
-}
+pub use sparsebak_fsutil::{fsync_dir, write_file_durably};
 
 #[cfg(test)]
 mod tests {

@@ -108,7 +108,7 @@ impl Archive {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e).with_context(|| format!("renaming {}", dir.display())),
         }
-        crate::durable::fsync_dir(&pool_dir)?;
+        sparsebak_fsutil::fsync_dir(&pool_dir)?;
         std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))
     }
 }

@@ -5,7 +5,6 @@
 mod archive;
 mod chunk_source;
 mod cli;
-mod durable;
 mod mounts;
 mod prune;
 mod serve;

@@ -22,8 +22,8 @@
 
 use crate::archive::{chunk_path, Archive};
 use crate::chunk_source::ChunkSource;
-use crate::durable::{fsync_dir, remove_file_durably, write_file_durably};
 use anyhow::{bail, Context, Result};
+use sparsebak_fsutil::{fsync_dir, remove_file_durably, write_file_durably};
 use sparsebak_proto::{testhook, MetaFile, VolumeRef};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, BufWriter, Write};

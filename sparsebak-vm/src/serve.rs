@@ -172,7 +172,7 @@ impl Server {
                 if data.len() > MAX_KEY_FILE {
                     bail!("key file of {} bytes is too large", data.len());
                 }
-                crate::durable::create_file_durably(&self.archive()?.key_path(&pool)?, &data)?;
+                sparsebak_fsutil::create_file_durably(&self.archive()?.key_path(&pool)?, &data)?;
                 Some(Response::Done)
             }
         })

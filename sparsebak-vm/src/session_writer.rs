@@ -7,9 +7,9 @@
 //! `chunks.tar` instead of chunk files (see `tar.rs`).
 
 use crate::archive::{chunk_path, Archive, TMP_SUFFIX};
-use crate::durable::fsync_dir;
 use crate::tar::{TarWriter, TAR_FILE};
 use anyhow::{bail, Context, Result};
+use sparsebak_fsutil::fsync_dir;
 use sparsebak_proto::{MetaFile, StoreFormat, VolumeRef};
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};

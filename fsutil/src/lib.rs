@@ -1,6 +1,7 @@
-//! Making changes durable on the receiver: a file replaced atomically, and
-//! folder entries synced, so a kill or a power cut leaves old or new state,
-//! never a mix.
+//! Making changes durable: a file replaced or created atomically, and folder
+//! entries synced, so a kill or a power cut leaves old or new state, never a
+//! mix. Shared by dom0 (its metadata) and the receiver (the archive).
+#![forbid(unsafe_code)]
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -60,4 +61,29 @@ pub fn create_file_durably(path: &Path, data: &[u8]) -> Result<()> {
     let _ = std::fs::remove_file(&tmp);
     written?;
     fsync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_replaces_and_create_refuses_to() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("journal");
+        write_file_durably(&p, b"one").expect("write");
+        write_file_durably(&p, b"two").expect("replace");
+        assert_eq!(std::fs::read(&p).expect("read"), b"two");
+        assert!(!p.with_extension("new").exists(), "no temp file left");
+
+        let key = dir.path().join("sub/key");
+        create_file_durably(&key, b"k1").expect("create");
+        let err = create_file_durably(&key, b"k2").expect_err("must not replace");
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert_eq!(std::fs::read(&key).expect("read"), b"k1");
+
+        remove_file_durably(&key).expect("remove");
+        assert!(!key.exists());
+        remove_file_durably(&key).expect("absent is fine");
+    }
 }

@@ -11,6 +11,7 @@
 //! start with one.
 
 use crate::crypto::{open_with, seal_with, Aad, DataKey};
+use crate::hex;
 use anyhow::{anyhow, bail, Context, Result};
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
 use std::collections::HashMap;
@@ -55,7 +56,7 @@ pub fn load_dom0_key(path: &Path) -> Result<Option<DataKey>> {
 pub fn save_dom0_key(path: &Path, key: &DataKey) -> Result<()> {
     let dir = path.parent().context("key path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let text = Zeroizing::new(format!("{}\n", hex(key.as_slice())));
+    let text = Zeroizing::new(format!("{}\n", hex::encode(key.as_slice())));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -104,8 +105,8 @@ impl WrappedKey {
             self.m_kib,
             self.t,
             self.p,
-            hex(&self.salt),
-            hex(&self.sealed)
+            hex::encode(&self.salt),
+            hex::encode(&self.sealed)
         )
     }
 
@@ -122,13 +123,13 @@ impl WrappedKey {
         if get("kdf")? != "argon2id" {
             bail!("key file: unknown kdf {:?}", get("kdf")?);
         }
-        let salt = unhex(get("salt")?)?.try_into().map_err(|_| anyhow!("key file: salt must be 16 bytes"))?;
+        let salt = hex::decode(get("salt")?)?.try_into().map_err(|_| anyhow!("key file: salt must be 16 bytes"))?;
         Ok(WrappedKey {
             m_kib: num("m_kib", KDF_M_KIB_MAX)?,
             t: num("t", KDF_T_MAX)?,
             p: num("p", KDF_P_MAX)?,
             salt,
-            sealed: unhex(get("sealed")?)?,
+            sealed: hex::decode(get("sealed")?)?,
         })
     }
 }
@@ -141,19 +142,8 @@ fn derive(passphrase: &[u8], salt: &[u8], m_kib: u32, t: u32, p: u32) -> Result<
     Ok(XChaCha20Poly1305::new(kek.as_slice().into()))
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 == 1 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
-        bail!("bad hex string");
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| anyhow!("bad hex"))).collect()
-}
-
 fn unhex32(s: &str) -> Result<DataKey> {
-    let v = Zeroizing::new(unhex(s)?);
+    let v = Zeroizing::new(hex::decode(s)?);
     let key: [u8; 32] = v.as_slice().try_into().map_err(|_| anyhow!("a key must be 32 bytes"))?;
     Ok(Zeroizing::new(key))
 }

@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod config;
 mod crypto;
+mod hex;
 mod image;
 mod keyfile;
 mod logging;

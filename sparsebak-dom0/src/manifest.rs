@@ -100,18 +100,14 @@ impl ManifestEntry {
 }
 
 pub fn hex(h: &Hash) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(h)
 }
 
 fn unhex(s: &str) -> Result<Hash> {
-    if s.len() != 64 {
-        bail!("bad hash {s:?} in manifest");
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| anyhow!("bad hash {s:?} in manifest"))?;
-    }
-    Ok(out)
+    crate::hex::decode(s)
+        .ok()
+        .and_then(|v| Hash::try_from(v.as_slice()).ok())
+        .ok_or_else(|| anyhow!("bad hash {s:?} in manifest"))
 }
 
 /// Writes a manifest, enforcing strictly increasing addresses.

@@ -87,3 +87,10 @@ mod tests {
         remove_file_durably(&key).expect("absent is fine");
     }
 }
+
+/// `path` with `suffix` appended to its last component (`S_x` -> `S_x-tmp`).
+pub fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    std::path::PathBuf::from(name)
+}

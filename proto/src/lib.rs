@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod frame;
+pub mod layout;
 pub mod msg;
 pub mod names;
 pub mod testhook;

@@ -66,8 +66,8 @@ impl MetaFile {
     /// The file's name inside a session folder.
     pub fn file_name(self) -> &'static str {
         match self {
-            MetaFile::Info => "info",
-            MetaFile::Manifest => "manifest",
+            MetaFile::Info => crate::layout::INFO_FILE,
+            MetaFile::Manifest => crate::layout::MANIFEST_FILE,
         }
     }
 }

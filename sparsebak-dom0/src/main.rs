@@ -1,28 +1,17 @@
 //! `sparsebak`: the admin-side agent (dom0 on Qubes, root on plain Linux).
 #![forbid(unsafe_code)]
 
-mod archive_key;
+mod changes;
 mod chunk;
 mod cli;
 mod commands;
 mod config;
 mod crypto;
 mod hex;
-mod image;
-mod keyfile;
-mod logging;
-mod lvm;
-mod manifest;
-mod metadir;
-mod metafile;
-mod passphrase;
-mod pipeline;
-mod progress;
-mod prune_journal;
-mod rollback;
-mod scan;
-mod session;
-mod transport;
+mod meta;
+mod remote;
+mod source;
+mod ui;
 
 use clap::Parser;
 
@@ -35,7 +24,7 @@ pub fn testhook_step(what: &str) {
 
 fn main() {
     let cli = cli::Cli::parse();
-    logging::init(cli.quiet, cli.verbose);
+    ui::logging::init(cli.quiet, cli.verbose);
     raise_open_file_limit();
     if let Err(e) = commands::run(&cli) {
         // Through the logger, so that a failed unattended run reaches syslog.

@@ -8,12 +8,12 @@
 //! Asks for confirmation unless `-u`. A volume that is still enabled in the
 //! config is deleted too, with a warning that its next send is a full one.
 
-use super::{confirm, Ctx};
-use crate::lvm::tracking::TrackedVolume;
-use crate::metadir::MetaDir;
-use crate::transport::Receiver;
+use super::Ctx;
+use crate::meta::MetaDir;
+use crate::remote::Receiver;
+use crate::source::lvm::TrackedVolume;
+use crate::ui::confirm;
 use anyhow::{bail, Context, Result};
-use sparsebak_proto::Request;
 
 pub fn run(ctx: &Ctx) -> Result<()> {
     if ctx.cli.volumes.is_empty() {
@@ -36,8 +36,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let pool = ctx.thin_pool()?;
     let mut rx = Receiver::connect(&ctx.config)?;
     for name in &ctx.cli.volumes {
-        let done = rx.call(&Request::DeleteVolume { volume: ctx.volume_ref(name) })?;
-        super::send::expect_done(done, "delete volume").with_context(|| format!("deleting {name}"))?;
+        rx.delete_volume(&ctx.volume_ref(name)).with_context(|| format!("deleting {name}"))?;
         let deltamap = meta.volume(&ctx.pool_dir, name).deltamap_path().to_path_buf();
         meta.delete_volume(&ctx.pool_dir, name)?;
         if let Some(pool) = &pool {

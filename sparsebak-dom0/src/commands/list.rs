@@ -5,10 +5,11 @@
 //! the source. Reads only dom0's metadata (dom0 never trusts the archive's
 //! listing).
 
-use super::{human_bytes, Ctx};
+use super::Ctx;
 use crate::config::SourceKind;
-use crate::lvm::commands::ThinPool;
-use crate::metadir::MetaDir;
+use crate::meta::MetaDir;
+use crate::source::lvm::ThinPool;
+use crate::ui::human_bytes;
 use anyhow::Result;
 
 pub fn run(ctx: &Ctx) -> Result<()> {

@@ -24,11 +24,10 @@ mod send;
 
 use crate::cli::{Cli, CommandName};
 use crate::config::{Config, SourceKind};
-use crate::lvm::commands::ThinPool;
-use crate::session::SessionId;
-use anyhow::{bail, Context, Result};
+use crate::meta::SessionId;
+use crate::source::lvm::ThinPool;
+use anyhow::{bail, Result};
 use sparsebak_proto::VolumeRef;
-use std::io::IsTerminal;
 
 /// What every command gets.
 pub struct Ctx<'a> {
@@ -64,7 +63,7 @@ impl Ctx<'_> {
     }
 
     /// The chunk size of a volume: its latest session's, else the config's.
-    pub fn chunk_size_of(&self, vm: &crate::metadir::VolumeMeta) -> Result<u64> {
+    pub fn chunk_size_of(&self, vm: &crate::meta::VolumeMeta) -> Result<u64> {
         Ok(match vm.sessions()?.last() {
             Some(s) => vm.info(s)?.chunk_size,
             None => self.config.chunk_size,
@@ -97,32 +96,4 @@ pub fn run(cli: &Cli) -> Result<()> {
         CommandName::Recover => recover::run(&ctx),
         CommandName::Version => Ok(()),
     }
-}
-
-/// Human-readable byte count.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
-/// Asks a yes/no question on the terminal; anything but yes (or no
-/// terminal to ask on) is no.
-pub fn confirm(question: &str) -> Result<bool> {
-    if !std::io::stdin().is_terminal() {
-        return Ok(false);
-    }
-    eprint!("{question}");
-    let mut answer = String::new();
-    std::io::stdin().read_line(&mut answer).context("reading the answer")?;
-    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }

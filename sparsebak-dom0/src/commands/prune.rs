@@ -23,19 +23,19 @@
 //! Cost: one pass over the manifests of P and N, one link per moved chunk;
 //! nothing proportional to the volume size.
 
-use super::send::expect_done;
 use super::Ctx;
-use crate::archive_key;
+use crate::crypto::archive_key;
 use crate::crypto::Keys;
-use crate::manifest::{ChunkState, ManifestWriter, Origin};
-use crate::metadir::{write_file_durably, MetaDir, VolumeMeta};
-use crate::metafile::{self, MetaRef};
-use crate::prune_journal::{self, merged_path, JournalState, PruneJournal};
-use crate::session::{SessionId, SessionInfo};
+use crate::meta::prune_journal::{self, merged_path, JournalState, PruneJournal};
+use crate::meta::{ChunkState, ManifestWriter, Origin};
+use crate::meta::{MetaDir, VolumeMeta};
+use crate::meta::{SessionId, SessionInfo};
+use crate::remote::metafile::{self, MetaRef};
+use crate::remote::Receiver;
 use crate::testhook_step as step;
-use crate::transport::{kind, Receiver};
 use anyhow::{bail, Context, Result};
-use sparsebak_proto::{MetaFile, Request, Response, VolumeRef};
+use sparsebak_fsutil::write_file_durably;
+use sparsebak_proto::{MetaFile, VolumeRef};
 use std::time::Instant;
 
 /// Addresses per `PruneLink` message (8 bytes each, far below the frame cap).
@@ -141,8 +141,7 @@ fn prune_one(
     let mut journal = PruneJournal { pruned: p.clone(), into: n.clone(), state: JournalState::Prepared };
     journal.write(vm)?;
     step("prune journal prepared");
-    let begin = Request::PruneBegin { volume: volume.clone(), pruned: p.to_string(), into: n.to_string() };
-    expect_done(rx.call(&begin)?, "prune begin")?;
+    rx.prune_begin(volume, p.as_str(), n.as_str())?;
     step("receiver began the prune");
 
     let manifest_path = merged_path(vm, n, "manifest");
@@ -172,23 +171,20 @@ fn prune_one(
                 tally.moved += 1;
                 batch.push(m.entry.addr);
                 if batch.len() == LINK_BATCH {
-                    rx.send(&Request::PruneLink { addrs: std::mem::take(&mut batch) })?;
+                    rx.prune_link(std::mem::take(&mut batch))?;
                 }
             }
         }
         manifest.push(&m.entry)?;
     }
     if !batch.is_empty() {
-        rx.send(&Request::PruneLink { addrs: batch })?;
+        rx.prune_link(batch)?;
     }
     manifest.finish()?;
     metafile::send(rx, MetaRef { keys, volume, session: n.as_str(), file: MetaFile::Manifest }, &manifest_path)?;
     step("prune addresses sent");
-    let linked_bytes = match rx.call(&Request::PruneLinked)? {
-        // The receiver's figure only feeds `list`; it cannot exceed P's own.
-        Response::Linked { bytes } => bytes.min(p_info.bytes),
-        other => bail!("unexpected answer to prune linked: {}", kind(&other)),
-    };
+    // The receiver's figure only feeds `list`; it cannot exceed P's own.
+    let linked_bytes = rx.prune_linked()?.min(p_info.bytes);
     step("receiver linked");
 
     let merged_info = SessionInfo {
@@ -232,9 +228,7 @@ fn finish_on_receiver(
     let info_path = vm.session_dir(&j.into).join("info");
     let info = std::fs::read(&info_path).with_context(|| format!("reading {}", info_path.display()))?;
     let info = metafile::seal_single(MetaRef { keys, volume, session: j.into.as_str(), file: MetaFile::Info }, info)?;
-    let req =
-        Request::PruneFinish { volume: volume.clone(), pruned: j.pruned.to_string(), into: j.into.to_string(), info };
-    expect_done(rx.call(&req)?, "prune finish")?;
+    rx.prune_finish(volume, j.pruned.as_str(), j.into.as_str(), info)?;
     step("receiver finished the prune");
     PruneJournal::remove(vm)?;
     step("prune journal removed");
@@ -255,7 +249,7 @@ pub fn settle(vm: &VolumeMeta, rx: &mut Receiver, keys: Option<&Keys>, volume: &
         }
         JournalState::Prepared => {
             log::warn!("{}: rolling back the interrupted prune of session {}", volume.name, j.pruned.date_time());
-            expect_done(rx.call(&Request::PruneAbort { volume: volume.clone() })?, "prune abort")?;
+            rx.prune_abort(volume)?;
             prune_journal::discard_merged(vm, &j.into)?;
             PruneJournal::remove(vm)
         }

@@ -12,17 +12,18 @@
 //! the recovered sessions are listed so the user can judge.
 
 use super::{restore, Ctx};
-use crate::archive_key;
+use crate::crypto::archive_key;
+use crate::crypto::keyfile;
+use crate::crypto::passphrase;
 use crate::crypto::Keys;
-use crate::keyfile;
-use crate::manifest::ManifestReader;
-use crate::metadir::{write_file_durably, MetaDir, VolumeMeta};
-use crate::metafile::{self, MetaRef};
-use crate::passphrase;
-use crate::rollback;
-use crate::session::{SessionId, SessionInfo};
-use crate::transport::Receiver;
+use crate::meta::ManifestReader;
+use crate::meta::{MetaDir, VolumeMeta};
+use crate::meta::{SessionId, SessionInfo};
+use crate::remote::metafile::{self, MetaRef};
+use crate::remote::rollback;
+use crate::remote::Receiver;
 use anyhow::{bail, Context, Result};
+use sparsebak_fsutil::write_file_durably;
 use sparsebak_proto::{MetaFile, VolumeRef};
 use std::io::Write;
 

@@ -10,20 +10,21 @@
 //! renamed over it only when every chunk checked out, so a failed receive
 //! never leaves a half-restored file behind.
 
-use super::{confirm, human_bytes, Ctx};
-use crate::archive_key;
+use super::Ctx;
+use crate::chunk::pipeline;
 use crate::chunk::{self, ChunkCodec, ChunkFault};
+use crate::crypto::archive_key;
 use crate::crypto::Keys;
-use crate::manifest::{ChunkState, MergedEntry};
-use crate::metadir::{MetaDir, VolumeMeta};
-use crate::metafile::{self, MetaRef};
-use crate::pipeline;
-use crate::progress::Progress;
-use crate::rollback;
-use crate::session::SessionId;
-use crate::transport::{kind, Receiver, RequestSink, ResponseSource};
+use crate::meta::SessionId;
+use crate::meta::{ChunkState, MergedEntry};
+use crate::meta::{MetaDir, VolumeMeta};
+use crate::remote::metafile::{self, MetaRef};
+use crate::remote::rollback;
+use crate::remote::{Receiver, RequestSink, ResponseSource};
+use crate::ui::Progress;
+use crate::ui::{confirm, human_bytes};
 use anyhow::{anyhow, bail, Context, Result};
-use sparsebak_proto::{MetaFile, Request, Response, VolumeRef};
+use sparsebak_proto::{MetaFile, VolumeRef};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
@@ -130,8 +131,8 @@ fn check_metadata(
 
 struct RestoreJob {
     volume: VolumeRef,
-    info: crate::session::SessionInfo,
-    merged: crate::manifest::ManifestMerge<crate::manifest::ManifestReader>,
+    info: crate::meta::SessionInfo,
+    merged: crate::meta::ManifestMerge<crate::meta::ManifestReader>,
     /// Sessions up to and including the target, oldest first.
     sessions: Vec<SessionId>,
 }
@@ -367,12 +368,7 @@ fn send_requests(
             }
         };
         if matches!(entry.entry.state, ChunkState::Stored { .. }) {
-            let req = Request::ReadChunk {
-                volume: volume.clone(),
-                session: sessions[entry.session].to_string(),
-                addr: entry.entry.addr,
-            };
-            requests.send(&req)?;
+            requests.read_chunk(volume, sessions[entry.session].as_str(), entry.entry.addr)?;
         }
         // Flush before we might block, so the receiver always has the
         // requests for every entry the reader waits on.
@@ -396,11 +392,9 @@ fn fetch(entry: MergedEntry, responses: &mut ResponseSource, size: u64, cs: u64)
     let len = cs.min(size - entry.entry.addr) as usize;
     let answer = match entry.entry.state {
         ChunkState::Zero => None,
-        ChunkState::Stored { .. } => Some(match responses.recv()? {
-            Response::Chunk(data) => Ok(data),
-            Response::ChunkError(why) => Err(format!("missing or unreadable in the archive ({why})")),
-            other => bail!("unexpected answer to read chunk: {}", kind(&other)),
-        }),
+        ChunkState::Stored { .. } => {
+            Some(responses.chunk()?.map_err(|why| format!("missing or unreadable in the archive ({why})")))
+        }
     };
     Ok(Fetched { entry, answer, len })
 }

@@ -4,19 +4,19 @@
 //! line (after a lost delta map, or a volume reverted to older content).
 
 use super::Ctx;
+use crate::changes::{Candidates, ScanJobs};
 use crate::chunk;
-use crate::image::ImageVolume;
-use crate::lvm::tracking::TrackedVolume;
-use crate::metadir::MetaDir;
-use crate::pipeline;
-use crate::scan::{Candidates, ScanJobs};
+use crate::chunk::pipeline;
+use crate::meta::MetaDir;
+use crate::source::lvm::TrackedVolume;
+use crate::source::ImageVolume;
 use anyhow::{bail, Result};
 
 pub fn run(ctx: &Ctx) -> Result<()> {
     let names = ctx.config.select_volumes(&ctx.cli.volumes, true)?;
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
     let pool = ctx.require_thin_pool("resync")?;
-    let keys = crate::archive_key::load(ctx, &meta)?;
+    let keys = crate::crypto::archive_key::load(ctx, &meta)?;
     for name in &names {
         let vm = meta.volume(&ctx.pool_dir, name);
         let sessions = vm.sessions()?;

@@ -13,25 +13,27 @@
 //! A send that finds nothing changed (same size, no changed chunk) creates no
 //! session.
 
-use super::{human_bytes, Ctx};
-use crate::archive_key;
+use super::Ctx;
+use crate::changes::{Candidates, ScanJobs};
+use crate::chunk::pipeline;
 use crate::chunk::{self, ChunkCodec, Packed};
 use crate::config::SourceKind;
+use crate::crypto::archive_key;
 use crate::crypto::Keys;
-use crate::image::ImageVolume;
-use crate::lvm::commands::ThinPool;
-use crate::lvm::tracking::TrackedVolume;
-use crate::manifest::{ChunkState, ManifestEntry, ManifestWriter};
-use crate::metadir::{write_file_durably, MetaDir, VolumeMeta};
-use crate::metafile::{self, MetaRef};
-use crate::pipeline;
-use crate::progress::Progress;
-use crate::rollback;
-use crate::scan::{Candidates, ScanJobs};
-use crate::session::{SessionFormat, SessionId, SessionInfo};
-use crate::transport::{kind, Receiver};
+use crate::meta::{ChunkState, ManifestEntry, ManifestWriter};
+use crate::meta::{MetaDir, VolumeMeta};
+use crate::meta::{SessionFormat, SessionId, SessionInfo};
+use crate::remote::metafile::{self, MetaRef};
+use crate::remote::rollback;
+use crate::remote::Receiver;
+use crate::source::lvm::ThinPool;
+use crate::source::lvm::TrackedVolume;
+use crate::source::ImageVolume;
+use crate::ui::human_bytes;
+use crate::ui::Progress;
 use anyhow::{bail, Context, Result};
-use sparsebak_proto::{MetaFile, Request, Response, VolumeRef};
+use sparsebak_fsutil::write_file_durably;
+use sparsebak_proto::{MetaFile, VolumeRef};
 use std::time::Instant;
 
 pub fn run(ctx: &Ctx) -> Result<()> {
@@ -128,7 +130,7 @@ fn send_volume(
                 begin_once(rx, &mut begun, &volume, &id, format)?;
                 tally.chunks += 1;
                 tally.bytes += data.len() as u64;
-                rx.send(&Request::PutChunk { addr, data })?;
+                rx.put_chunk(addr, data)?;
                 ChunkState::Stored { plain, stored, origin: None }
             }
         };
@@ -160,7 +162,7 @@ fn send_volume(
         let m = MetaRef { keys, volume: &volume, session: id.as_str(), file };
         metafile::send(rx, m, &tmp.join(file.file_name()))?;
     }
-    expect_done(rx.call(&Request::Commit)?, "commit")?;
+    rx.commit()?;
     vm.promote(&id)?;
     if let Some(t) = tracked {
         t.finish(chunk_size, size)?;
@@ -186,18 +188,10 @@ fn begin_once(
     format: SessionFormat,
 ) -> Result<()> {
     if !*begun {
-        let resp = rx.call(&Request::BeginSession { volume: volume.clone(), session: id.to_string(), format })?;
-        expect_done(resp, "begin session")?;
+        rx.begin_session(volume, id.as_str(), format)?;
         *begun = true;
     }
     Ok(())
-}
-
-pub(super) fn expect_done(resp: Response, what: &str) -> Result<()> {
-    match resp {
-        Response::Done => Ok(()),
-        other => bail!("unexpected answer to {what}: {}", kind(&other)),
-    }
 }
 
 /// Brings dom0's metadata in line with the archive after an interrupted

@@ -15,8 +15,8 @@ use std::time::Instant;
 use anyhow::bail;
 
 use super::commands::ThinPool;
-use super::deltamap::DeltaMap;
 use super::thin_delta::{ChangeKind, ChangedRange};
+use crate::changes::DeltaMap;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;

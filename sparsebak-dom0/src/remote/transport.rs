@@ -8,7 +8,7 @@
 use crate::config::{Config, DestVm};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use sparsebak_proto::{read_msg, write_msg, Destination, FrameError, Request, Response, PROTOCOL_VERSION};
+use sparsebak_proto::{read_msg, write_msg, Destination, FrameError, Request, Response};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -118,7 +118,7 @@ impl<T: AsFd + Write> Write for Idle<T> {
 
 impl RequestSink {
     /// Queues a request (buffered; see `flush`).
-    pub fn send(&mut self, req: &Request) -> Result<()> {
+    pub(super) fn send(&mut self, req: &Request) -> Result<()> {
         write_msg(&mut self.out, req).map_err(|e| anyhow!("sending to the receiver: {e}"))
     }
 
@@ -130,7 +130,7 @@ impl RequestSink {
 impl ResponseSource {
     /// The next response; a receiver `Error`, a bad frame or the end of the
     /// stream is an error.
-    pub fn recv(&mut self) -> Result<Response> {
+    pub(super) fn recv(&mut self) -> Result<Response> {
         match read_msg(&mut self.input) {
             Ok(Some(Response::Error(msg))) => bail!("receiver: {msg}"),
             Ok(Some(resp)) => Ok(resp),
@@ -164,22 +164,13 @@ impl Receiver {
                 input: BufReader::with_capacity(1 << 20, Idle { inner: stdout, limit: config.idle_timeout }),
             },
         };
-        let hello = Request::Hello {
-            version: PROTOCOL_VERSION,
-            dest: Destination { mountpoint: config.dest_mountpoint.clone(), dir: config.dest_dir.clone() },
-        };
-        match rx.call(&hello)? {
-            Response::Ready { version } if version == PROTOCOL_VERSION => Ok(rx),
-            Response::Ready { version } => bail!(
-                "protocol version mismatch: this sparsebak speaks {PROTOCOL_VERSION}, the receiver {version}; install matching versions"
-            ),
-            other => bail!("unexpected answer to hello: {}", kind(&other)),
-        }
+        rx.hello(Destination { mountpoint: config.dest_mountpoint.clone(), dir: config.dest_dir.clone() })?;
+        Ok(rx)
     }
 
     /// Sends one request and waits for its answer. On a broken pipe, the
     /// receiver's own explanation (if it sent one) is preferred.
-    pub fn call(&mut self, req: &Request) -> Result<Response> {
+    pub(super) fn call(&mut self, req: &Request) -> Result<Response> {
         if let Err(e) = self.requests.send(req).and_then(|_| self.requests.flush()) {
             return Err(self.explain(e));
         }
@@ -187,13 +178,13 @@ impl Receiver {
     }
 
     /// Sends a request that gets no answer (streamed chunks).
-    pub fn send(&mut self, req: &Request) -> Result<()> {
+    pub(super) fn send(&mut self, req: &Request) -> Result<()> {
         self.requests.send(req).map_err(|e| self.explain(e))
     }
 
     /// After a failed write: the receiver has usually said why before it
     /// exited, so read that instead of reporting a bare broken pipe.
-    pub fn explain(&mut self, write_err: anyhow::Error) -> anyhow::Error {
+    fn explain(&mut self, write_err: anyhow::Error) -> anyhow::Error {
         loop {
             match self.responses.recv() {
                 Ok(_) => continue,
@@ -255,21 +246,6 @@ impl ReceiverProcess {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A short name for a response, for "unexpected answer" errors.
-pub fn kind(resp: &Response) -> &'static str {
-    match resp {
-        Response::Ready { .. } => "Ready",
-        Response::Done => "Done",
-        Response::Sessions(_) => "Sessions",
-        Response::Chunk(_) => "Chunk",
-        Response::ChunkError(_) => "ChunkError",
-        Response::Linked { .. } => "Linked",
-        Response::Meta(_) => "Meta",
-        Response::Key(_) => "Key",
-        Response::Error(_) => "Error",
     }
 }
 

@@ -11,8 +11,8 @@
 //! written as `S_...-tmp` and renamed, like in the archive. dom0 trusts only
 //! these files, never the receiver's copies.
 
-use crate::manifest::{ManifestMerge, ManifestReader};
-use crate::session::{SessionId, SessionInfo};
+use crate::meta::{ManifestMerge, ManifestReader};
+use crate::meta::{SessionId, SessionInfo};
 use anyhow::{bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{self, File};
@@ -126,7 +126,7 @@ impl VolumeMeta {
     /// prune that a kill interrupted is completed first, so no reader ever
     /// sees a half-pruned volume.
     pub fn sessions(&self) -> Result<Vec<SessionId>> {
-        crate::prune_journal::settle_local(self)?;
+        crate::meta::prune_journal::settle_local(self)?;
         let mut out: Vec<SessionId> =
             self.session_dirs()?.into_iter().filter_map(|(id, tmp)| (!tmp).then_some(id)).collect();
         out.sort();
@@ -200,7 +200,7 @@ impl VolumeMeta {
     }
 }
 
-pub use sparsebak_fsutil::{fsync_dir, write_file_durably};
+use sparsebak_fsutil::fsync_dir;
 
 #[cfg(test)]
 mod tests {

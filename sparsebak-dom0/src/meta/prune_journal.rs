@@ -15,9 +15,10 @@
 //!
 //! The journal is removed only after the receiver settled its side too.
 
-use crate::metadir::{fsync_dir, write_file_durably, VolumeMeta};
-use crate::session::SessionId;
+use crate::meta::SessionId;
+use crate::meta::VolumeMeta;
 use anyhow::{anyhow, bail, Context, Result};
+use sparsebak_fsutil::{fsync_dir, write_file_durably};
 use std::fs;
 use std::path::{Path, PathBuf};
 

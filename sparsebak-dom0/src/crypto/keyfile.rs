@@ -66,7 +66,7 @@ pub fn save_dom0_key(path: &Path, key: &DataKey) -> Result<()> {
     f.write_all(text.as_bytes())
         .and_then(|_| f.sync_all())
         .with_context(|| format!("writing key {}", path.display()))?;
-    crate::metadir::fsync_dir(dir)
+    sparsebak_fsutil::fsync_dir(dir)
 }
 
 /// The passphrase-wrapped data key as stored in the archive.

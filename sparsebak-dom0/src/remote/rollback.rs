@@ -9,18 +9,15 @@
 //! the volume entirely (a new or wiped backup disk) is not a rollback: `send`
 //! then stores the whole volume again.
 
-use crate::session::SessionId;
-use crate::transport::{kind, Receiver};
+use crate::meta::SessionId;
+use crate::remote::Receiver;
 use anyhow::{bail, Result};
-use sparsebak_proto::{Request, Response, VolumeRef};
+use sparsebak_proto::VolumeRef;
 
 /// The archive's committed sessions of a volume (names it cannot parse are
 /// not sessions).
 pub fn archive_sessions(rx: &mut Receiver, volume: &VolumeRef) -> Result<Vec<SessionId>> {
-    match rx.call(&Request::ListSessions { volume: volume.clone() })? {
-        Response::Sessions(s) => Ok(s.iter().filter_map(|s| SessionId::parse(s).ok()).collect()),
-        other => bail!("unexpected answer to list sessions: {}", kind(&other)),
-    }
+    Ok(rx.list_sessions(volume)?.iter().filter_map(|s| SessionId::parse(s).ok()).collect())
 }
 
 /// Fails when the archive holds sessions of the volume but not dom0's newest.

@@ -9,10 +9,10 @@
 //! archive stores the plain bytes.
 
 use crate::crypto::{Aad, Keys, SEAL_OVERHEAD};
-use crate::transport::{kind, Receiver};
+use crate::remote::Receiver;
 use anyhow::{bail, Context, Result};
 use sparsebak_proto::msg::META_PIECE;
-use sparsebak_proto::{MetaFile, Request, Response, VolumeRef};
+use sparsebak_proto::{MetaFile, VolumeRef};
 use std::io::Read;
 use std::path::Path;
 
@@ -82,7 +82,7 @@ pub fn send(rx: &mut Receiver, m: MetaRef, path: &Path) -> Result<()> {
             Some(k) => k.seal(&m.aad(index, last), &current)?,
             None => current,
         };
-        rx.send(&Request::PutMeta { file: m.file, data })?;
+        rx.put_meta(m.file, data)?;
         if last {
             break;
         }
@@ -110,14 +110,10 @@ pub fn fetch(rx: &mut Receiver, m: MetaRef, max_len: u64, mut sink: impl FnMut(&
         if offset > max_len + META_PIECE as u64 {
             return Err(bad(format!("{} is larger than {max_len} bytes", m.label())));
         }
-        let req = Request::ReadMeta { volume: m.volume.clone(), session: m.session.to_string(), file: m.file, offset };
-        match rx.call(&req)? {
-            Response::Meta(d) if d.len() <= META_PIECE => Ok(d),
-            Response::Meta(d) => bail!("{}: the receiver sent a piece of {} bytes", m.label(), d.len()),
-            Response::ChunkError(why) => {
-                Err(bad(format!("{} is missing or unreadable in the archive ({why})", m.label())))
-            }
-            other => bail!("unexpected answer to read metadata: {}", kind(&other)),
+        match rx.read_meta(m.volume, m.session, m.file, offset)? {
+            Ok(d) if d.len() <= META_PIECE => Ok(d),
+            Ok(d) => bail!("{}: the receiver sent a piece of {} bytes", m.label(), d.len()),
+            Err(why) => Err(bad(format!("{} is missing or unreadable in the archive ({why})", m.label()))),
         }
     };
     let mut current = read_at(0)?;

@@ -11,10 +11,10 @@
 //! - [`Candidates::Marked`]: the chunks marked in an LVM delta map, plus
 //!   everything from the previous session's end on (a grown tail).
 
+use crate::changes::DeltaMap;
 use crate::chunk::ChunkJob;
-use crate::image::ImageVolume;
-use crate::lvm::deltamap::DeltaMap;
-use crate::manifest::{ChunkState, ManifestMerge, ManifestReader, MergedEntry};
+use crate::meta::{ChunkState, ManifestMerge, ManifestReader, MergedEntry};
+use crate::source::ImageVolume;
 use anyhow::Result;
 use std::iter::Peekable;
 

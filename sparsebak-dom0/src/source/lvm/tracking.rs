@@ -16,8 +16,8 @@
 //! with the archive's manifests.
 
 use super::commands::ThinPool;
-use super::deltamap::{DeltaMap, LoadError};
-use crate::scan::Candidates;
+use crate::changes::Candidates;
+use crate::changes::{DeltaMap, LoadError};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 

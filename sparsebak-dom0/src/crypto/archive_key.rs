@@ -5,13 +5,12 @@
 //! `encryption` must agree with that afterwards, so a typo can never send
 //! plaintext into an encrypted archive or the other way round.
 
+use crate::crypto::keyfile::{self, WrappedKey};
+use crate::crypto::passphrase::{self, Passphrase};
 use crate::crypto::Keys;
-use crate::keyfile::{self, WrappedKey};
-use crate::metadir::MetaDir;
-use crate::passphrase::{self, Passphrase};
-use crate::transport::{kind, Receiver};
+use crate::meta::MetaDir;
+use crate::remote::Receiver;
 use anyhow::{bail, Result};
-use sparsebak_proto::{Request, Response};
 use std::path::PathBuf;
 
 use crate::commands::Ctx;
@@ -82,10 +81,7 @@ impl SendKeys {
         }
         let key = crate::crypto::new_data_key()?;
         let wrapped = WrappedKey::wrap(&key, &pass, &ctx.pool_dir)?;
-        match rx.call(&Request::PutKey { pool: ctx.pool_dir.clone(), data: wrapped.to_text().into_bytes() })? {
-            Response::Done => {}
-            other => bail!("unexpected answer to store key: {}", kind(&other)),
-        }
+        rx.put_key(&ctx.pool_dir, wrapped.to_text().into_bytes())?;
         keyfile::save_dom0_key(&key_path(ctx), &key)?;
         log::info!("{}: new encrypted archive; keep the passphrase: it is needed to recover", ctx.pool_dir);
         Ok(Some(Keys::from_data_key(&key)))
@@ -94,13 +90,12 @@ impl SendKeys {
 
 /// The archive's wrapped key of this pool, if it has one.
 pub fn archive_wrapped_key(ctx: &Ctx, rx: &mut Receiver) -> Result<Option<WrappedKey>> {
-    match rx.call(&Request::GetKey { pool: ctx.pool_dir.clone() })? {
-        Response::Key(None) => Ok(None),
-        Response::Key(Some(data)) if data.len() <= keyfile::MAX_WRAPPED_LEN => {
+    match rx.get_key(&ctx.pool_dir)? {
+        None => Ok(None),
+        Some(data) if data.len() <= keyfile::MAX_WRAPPED_LEN => {
             let text = String::from_utf8(data).map_err(|_| anyhow::anyhow!("the archive's key file is not text"))?;
             Ok(Some(WrappedKey::parse(&text)?))
         }
-        Response::Key(Some(_)) => bail!("the archive's key file is too large"),
-        other => bail!("unexpected answer to read key: {}", kind(&other)),
+        Some(_) => bail!("the archive's key file is too large"),
     }
 }

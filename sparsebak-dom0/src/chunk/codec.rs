@@ -4,7 +4,7 @@
 //! run on worker threads of the pipeline.
 
 use crate::crypto::{Aad, Keys, OpenError};
-use crate::manifest::{ChunkState, Hash};
+use crate::meta::{ChunkState, Hash};
 use anyhow::{bail, Result};
 use sha2::{Digest, Sha256};
 use sparsebak_proto::VolumeRef;

@@ -34,7 +34,7 @@ impl Log for Logger {
             return;
         }
         let line = stderr_line(record.level(), &record.args().to_string());
-        crate::progress::suspend(|| eprintln!("{line}"));
+        crate::ui::suspend(|| eprintln!("{line}"));
         if let Some(sink) = &self.syslog {
             // A sink that stops working must not stop the backup; the
             // message still reached stderr.

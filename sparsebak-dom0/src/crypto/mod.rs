@@ -1,0 +1,14 @@
+//! Encryption of an archive (see the README, "Encryption").
+//!
+//! - `primitives.rs`: data key, subkeys, sealing with associated data;
+//! - [`keyfile`]: the key on disk, raw in dom0 and wrapped in the archive;
+//! - [`archive_key`]: which key a command uses, and creating a new one;
+//! - [`passphrase`]: reading the passphrase from a file or the terminal.
+
+pub mod archive_key;
+pub mod keyfile;
+pub mod passphrase;
+mod primitives;
+
+pub use primitives::{new_data_key, random, Aad, DataKey, Keys, OpenError, SEAL_OVERHEAD};
+pub(crate) use primitives::{open_with, seal_with};

@@ -12,9 +12,11 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing folder {}", dir.display()))
 }
 
-/// Writes `data` to `path` durably: temp file, fsync, rename, folder fsync.
+/// Writes `data` to `path` durably: temp file (`PATH.new`), fsync, rename,
+/// folder fsync. The temp name appends to the whole name, so `vm.img` and
+/// `vm.deltamap` never share one.
 pub fn write_file_durably(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("new");
+    let tmp = with_suffix(path, ".new");
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;
@@ -63,6 +65,13 @@ pub fn create_file_durably(path: &Path, data: &[u8]) -> Result<()> {
     fsync_dir(dir)
 }
 
+/// `path` with `suffix` appended to its last component (`S_x` -> `S_x-tmp`).
+pub fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    std::path::PathBuf::from(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,9 +97,3 @@ mod tests {
     }
 }
 
-/// `path` with `suffix` appended to its last component (`S_x` -> `S_x-tmp`).
-pub fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    std::path::PathBuf::from(name)
-}

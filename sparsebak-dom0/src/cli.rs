@@ -1,4 +1,4 @@
-//! The command line, as in design.md. Options may stand before or after the
+//! The command line (README, "Command reference"). Options may stand before or after the
 //! command and the volume names (`sparsebak --save-to=x.img receive VOL` and
 //! `sparsebak receive VOL --save-to=x.img` mean the same).
 

@@ -256,7 +256,7 @@ mod tests {
     const LVM: &str = "[var]\nvgname = qubes_dom0\npoolname = pool00\ndestvm = backup\ndestmountpoint = /mnt/volume\ndestdir = backups\n\n[volumes]\nvm-a-private = enable\nvm-b-private = disable\n";
 
     #[test]
-    fn parses_design_example() {
+    fn parses_readme_example() {
         let c = parse(LVM).expect("valid");
         assert_eq!(c.source, SourceKind::Lvm { vg: "qubes_dom0".into(), pool: "pool00".into() });
         assert_eq!(c.dest_vm, DestVm::Qubes("backup".into()));

@@ -9,7 +9,7 @@
 //! On disk (`VG%POOL/VOLUME.deltamap`), little-endian:
 //!
 //! ```text
-//! 8  magic "SBDMAP01"
+//! 8  magic "SBDMAP" + the format version as two decimal digits ("01")
 //! 8  chunk size in bytes
 //! 8  chunk count
 //! n  bitmap, n = ceil(count / 8); bit i is bit (i % 8) of byte (i / 8);
@@ -20,18 +20,22 @@
 //! A map that is missing, half written or damaged would silently lose changed
 //! data if trusted, so [`DeltaMap::load`] checks all of the above and returns
 //! [`LoadError::Missing`] or [`LoadError::Corrupt`]; the caller then falls back
-//! to a full comparison. [`DeltaMap::save`] writes a temporary file, fsyncs it,
-//! renames it over the map and fsyncs the directory, so a crash leaves either
+//! to a full comparison. A map written by a newer sparsebak (an intact map
+//! whose version is above [`DELTAMAP_VERSION`]) is [`LoadError::Newer`]: an
+//! error that names the file and both versions. [`DeltaMap::save`] writes it
+//! durably (`sparsebak_fsutil::write_file_durably`), so a crash leaves either
 //! the old or the new map.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-const MAGIC: &[u8; 8] = b"SBDMAP01";
+/// Version of the delta map format (the last two bytes of the magic).
+pub const DELTAMAP_VERSION: u32 = 1;
+const MAGIC_PREFIX: &[u8; 6] = b"SBDMAP";
 const HEADER_LEN: usize = 24;
 const SUM_LEN: usize = 32;
 
@@ -50,6 +54,8 @@ pub enum LoadError {
     Corrupt(PathBuf, String),
     /// The file could not be read (permissions, I/O error).
     Io(PathBuf, io::Error),
+    /// An intact map in a newer format than this sparsebak reads.
+    Newer(PathBuf, u32),
 }
 
 impl std::fmt::Display for LoadError {
@@ -60,6 +66,10 @@ impl std::fmt::Display for LoadError {
                 write!(f, "delta map {} is damaged ({why})", p.display())
             }
             LoadError::Io(p, e) => write!(f, "reading delta map {}: {e}", p.display()),
+            LoadError::Newer(p, v) => match sparsebak_proto::layout::check_format_version(p, *v, DELTAMAP_VERSION) {
+                Err(e) => write!(f, "{e}"),
+                Ok(()) => write!(f, "delta map {}: version {v}", p.display()),
+            },
         }
     }
 }
@@ -232,7 +242,8 @@ impl DeltaMap {
     /// The serialized form (see the module documentation).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(HEADER_LEN + self.bits.len() + SUM_LEN);
-        v.extend_from_slice(MAGIC);
+        v.extend_from_slice(MAGIC_PREFIX);
+        v.extend_from_slice(format!("{DELTAMAP_VERSION:02}").as_bytes());
         v.extend_from_slice(&self.chunk_size.to_le_bytes());
         v.extend_from_slice(&self.chunks.to_le_bytes());
         v.extend_from_slice(&self.bits);
@@ -242,16 +253,30 @@ impl DeltaMap {
     }
 
     /// Parses and checks the serialized form; the error says what is wrong.
+    #[cfg(test)]
     pub fn from_bytes(data: &[u8]) -> std::result::Result<DeltaMap, String> {
+        Self::parse(Path::new("delta map"), data).map_err(|e| match e {
+            LoadError::Corrupt(_, why) => why,
+            other => other.to_string(),
+        })
+    }
+
+    fn parse(path: &Path, data: &[u8]) -> std::result::Result<DeltaMap, LoadError> {
+        let corrupt = |why: String| LoadError::Corrupt(path.to_owned(), why);
         if data.len() < HEADER_LEN + SUM_LEN {
-            return Err(format!("only {} bytes long", data.len()));
+            return Err(corrupt(format!("only {} bytes long", data.len())));
         }
-        if &data[..8] != MAGIC {
-            return Err("wrong magic (not a sparsebak delta map, or another version)".into());
-        }
+        let version = std::str::from_utf8(&data[6..8]).ok().and_then(|v| v.parse::<u32>().ok());
+        let Some(version) = version.filter(|_| &data[..6] == MAGIC_PREFIX) else {
+            return Err(corrupt("wrong magic (not a sparsebak delta map)".into()));
+        };
         let (body, sum) = data.split_at(data.len() - SUM_LEN);
         if Sha256::digest(body).as_slice() != sum {
-            return Err("checksum mismatch (half written or damaged)".into());
+            return Err(corrupt("checksum mismatch (half written or damaged)".into()));
+        }
+        // Only an intact map is believed to come from a newer sparsebak.
+        if version > DELTAMAP_VERSION {
+            return Err(LoadError::Newer(path.to_owned(), version));
         }
         let u = |o: usize| {
             let mut a = [0u8; 8];
@@ -260,15 +285,15 @@ impl DeltaMap {
         };
         let (chunk_size, chunks) = (u(8), u(16));
         if chunk_size == 0 {
-            return Err("chunk size 0".into());
+            return Err(corrupt("chunk size 0".into()));
         }
-        let n = bytes_for(chunks).map_err(|e| e.to_string())?;
+        let n = bytes_for(chunks).map_err(|e| corrupt(e.to_string()))?;
         let bits = &body[HEADER_LEN..];
         if bits.len() != n {
-            return Err(format!("{} bitmap bytes for {chunks} chunks, expected {n}", bits.len()));
+            return Err(corrupt(format!("{} bitmap bytes for {chunks} chunks, expected {n}", bits.len())));
         }
         if chunks & 7 != 0 && bits[n - 1] >> (chunks % 8) != 0 {
-            return Err("bits set past the last chunk".into());
+            return Err(corrupt("bits set past the last chunk".into()));
         }
         Ok(DeltaMap { chunk_size, chunks, bits: bits.to_vec() })
     }
@@ -289,33 +314,12 @@ impl DeltaMap {
         if data.len() as u64 > limit {
             return Err(LoadError::Corrupt(path.to_owned(), "file too large".into()));
         }
-        DeltaMap::from_bytes(&data).map_err(|why| LoadError::Corrupt(path.to_owned(), why))
+        DeltaMap::parse(path, &data)
     }
 
-    /// Writes the map to `path` atomically and durably: `PATH.tmp` is written
-    /// and fsynced, renamed over `path`, then the directory is fsynced.
+    /// Writes the map to `path` atomically and durably.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let name = path.file_name().with_context(|| format!("delta map path {} has no file name", path.display()))?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let mut tmp_name = name.to_owned();
-        tmp_name.push(".tmp");
-        let tmp = dir.join(tmp_name);
-        let write = || -> Result<()> {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-            f.write_all(&self.to_bytes())?;
-            f.sync_all()?;
-            Ok(())
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(e.context(format!("writing delta map {}", tmp.display())));
-        }
-        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing directory {}", dir.display()))?;
-        Ok(())
+        sparsebak_fsutil::write_file_durably(path, &self.to_bytes()).context("saving delta map")
     }
 }
 

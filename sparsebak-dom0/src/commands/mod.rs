@@ -24,7 +24,11 @@ mod send;
 
 use crate::cli::{Cli, CommandName};
 use crate::config::{Config, SourceKind};
-use crate::meta::SessionId;
+use crate::crypto::{
+    archive_key::{self, KeyScope},
+    Keys,
+};
+use crate::meta::{MetaDir, SessionId};
 use crate::source::lvm::ThinPool;
 use anyhow::{bail, Result};
 use sparsebak_proto::VolumeRef;
@@ -68,6 +72,16 @@ impl Ctx<'_> {
             Some(s) => vm.info(s)?.chunk_size,
             None => self.config.chunk_size,
         })
+    }
+
+    /// The pool whose key this command works with.
+    pub fn key_scope(&self) -> KeyScope<'_> {
+        KeyScope { meta_dir: &self.config.meta_dir, pool_dir: &self.pool_dir, encryption: self.config.encryption }
+    }
+
+    /// The keys of an existing archive (none for an unencrypted one).
+    pub fn keys(&self, meta: &MetaDir) -> Result<Option<Keys>> {
+        archive_key::load(self.key_scope(), meta)
     }
 
     /// The `--session` option, parsed.

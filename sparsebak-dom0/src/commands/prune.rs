@@ -24,14 +24,15 @@
 //! nothing proportional to the volume size.
 
 use super::Ctx;
-use crate::crypto::archive_key;
 use crate::crypto::Keys;
-use crate::meta::prune_journal::{self, merged_path, JournalState, PruneJournal};
-use crate::meta::{ChunkState, ManifestWriter, Origin};
-use crate::meta::{MetaDir, VolumeMeta};
-use crate::meta::{SessionId, SessionInfo};
-use crate::remote::metafile::{self, MetaRef};
-use crate::remote::Receiver;
+use crate::meta::{
+    prune_journal::{self, merged_path, JournalState, PruneJournal},
+    ChunkState, ManifestWriter, MetaDir, Origin, SessionId, SessionInfo, VolumeMeta,
+};
+use crate::remote::{
+    metafile::{self, MetaRef},
+    Receiver,
+};
 use crate::testhook_step as step;
 use anyhow::{bail, Context, Result};
 use sparsebak_fsutil::write_file_durably;
@@ -49,7 +50,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         false => ctx.cli.volumes.clone(),
     };
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
-    let keys = archive_key::load(ctx, &meta)?;
+    let keys = ctx.keys(&meta)?;
     let mut rx = Receiver::connect(&ctx.config)?;
     let mut pruned = 0;
     for name in &names {
@@ -144,7 +145,7 @@ fn prune_one(
     rx.prune_begin(volume, p.as_str(), n.as_str())?;
     step("receiver began the prune");
 
-    let manifest_path = merged_path(vm, n, "manifest");
+    let manifest_path = merged_path(vm, n, MetaFile::Manifest);
     let mut manifest = ManifestWriter::create(&manifest_path)?;
     let mut tally = Tally::default();
     let mut batch = Vec::with_capacity(LINK_BATCH);
@@ -194,7 +195,7 @@ fn prune_one(
         zeros: n_info.zeros + tally.zeros_kept,
         ..n_info
     };
-    write_file_durably(&merged_path(vm, n, "info"), merged_info.to_text().as_bytes())?;
+    write_file_durably(&merged_path(vm, n, MetaFile::Info), merged_info.to_text().as_bytes())?;
     step("merged info written");
     journal.state = JournalState::Committed;
     journal.write(vm)?;
@@ -225,7 +226,7 @@ fn finish_on_receiver(
     volume: &VolumeRef,
     j: &PruneJournal,
 ) -> Result<()> {
-    let info_path = vm.session_dir(&j.into).join("info");
+    let info_path = vm.session_dir(&j.into).join(MetaFile::Info.file_name());
     let info = std::fs::read(&info_path).with_context(|| format!("reading {}", info_path.display()))?;
     let info = metafile::seal_single(MetaRef { keys, volume, session: j.into.as_str(), file: MetaFile::Info }, info)?;
     rx.prune_finish(volume, j.pruned.as_str(), j.into.as_str(), info)?;

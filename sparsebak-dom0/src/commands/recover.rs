@@ -12,16 +12,12 @@
 //! the recovered sessions are listed so the user can judge.
 
 use super::{restore, Ctx};
-use crate::crypto::archive_key;
-use crate::crypto::keyfile;
-use crate::crypto::passphrase;
-use crate::crypto::Keys;
-use crate::meta::ManifestReader;
-use crate::meta::{MetaDir, VolumeMeta};
-use crate::meta::{SessionId, SessionInfo};
-use crate::remote::metafile::{self, MetaRef};
-use crate::remote::rollback;
-use crate::remote::Receiver;
+use crate::crypto::{archive_key, keyfile, passphrase, Keys};
+use crate::meta::{ManifestReader, MetaDir, SessionId, SessionInfo, VolumeMeta};
+use crate::remote::{
+    metafile::{self, MetaRef},
+    rollback, Receiver,
+};
 use anyhow::{bail, Context, Result};
 use sparsebak_fsutil::write_file_durably;
 use sparsebak_proto::{MetaFile, VolumeRef};
@@ -73,7 +69,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
 /// Unwraps the archive's key with the passphrase and keeps it in dom0; an
 /// archive without a key must be an unencrypted one.
 fn recover_key(ctx: &Ctx, rx: &mut Receiver) -> Result<Option<Keys>> {
-    match (archive_key::archive_wrapped_key(ctx, rx)?, ctx.config.encryption) {
+    match (archive_key::archive_wrapped_key(&ctx.pool_dir, rx)?, ctx.config.encryption) {
         (Some(wrapped), true) => {
             let pass = passphrase::existing(ctx.cli.passphrase_file.as_deref())?;
             let key = wrapped.unwrap_key(&pass, &ctx.pool_dir)?;
@@ -101,10 +97,10 @@ fn recover_volume(rx: &mut Receiver, keys: Option<&Keys>, volume: &VolumeRef, vm
         }
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let info = fetch_info(rx, MetaRef { keys, volume, session: id.as_str(), file: MetaFile::Info })?;
-        write_file_durably(&tmp.join("info"), info.to_text().as_bytes())?;
+        write_file_durably(&tmp.join(MetaFile::Info.file_name()), info.to_text().as_bytes())?;
         let lines = info.volume_size.div_ceil(info.chunk_size);
         let m = MetaRef { keys, volume, session: id.as_str(), file: MetaFile::Manifest };
-        fetch_manifest(rx, m, lines.saturating_mul(MAX_LINE), &tmp.join("manifest"))?;
+        fetch_manifest(rx, m, lines.saturating_mul(MAX_LINE), &tmp.join(MetaFile::Manifest.file_name()))?;
         vm.promote(id)?;
     }
     Ok(sessions.len())

@@ -11,18 +11,14 @@
 //! never leaves a half-restored file behind.
 
 use super::Ctx;
-use crate::chunk::pipeline;
-use crate::chunk::{self, ChunkCodec, ChunkFault};
-use crate::crypto::archive_key;
+use crate::chunk::{self, pipeline, ChunkCodec, ChunkFault};
 use crate::crypto::Keys;
-use crate::meta::SessionId;
-use crate::meta::{ChunkState, MergedEntry};
-use crate::meta::{MetaDir, VolumeMeta};
-use crate::remote::metafile::{self, MetaRef};
-use crate::remote::rollback;
-use crate::remote::{Receiver, RequestSink, ResponseSource};
-use crate::ui::Progress;
-use crate::ui::{confirm, human_bytes};
+use crate::meta::{ChunkState, MergedEntry, MetaDir, SessionId, VolumeMeta};
+use crate::remote::{
+    metafile::{self, MetaRef},
+    rollback, Receiver, RequestSink, ResponseSource,
+};
+use crate::ui::{confirm, human_bytes, Progress};
 use anyhow::{anyhow, bail, Context, Result};
 use sparsebak_proto::{MetaFile, VolumeRef};
 use std::fs::{File, OpenOptions};
@@ -67,7 +63,7 @@ fn run_on(ctx: &Ctx, mode: Mode, names: &[String]) -> Result<()> {
         Mode::Verify => None,
     };
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
-    let keys = archive_key::load(ctx, &meta)?;
+    let keys = ctx.keys(&meta)?;
     let wanted = ctx.session_option()?;
     let mut failures = Vec::new();
     for name in names {
@@ -298,7 +294,8 @@ fn restore_volume(
             Err(why) => {
                 bad += 1;
                 if bad <= REPORT_LIMIT {
-                    log::error!("{label}: chunk x{addr:016x} (stored in {}): {why}", sessions[c.entry.session]);
+                    let at = sparsebak_proto::layout::addr_token(addr);
+                    log::error!("{label}: chunk {at} (stored in {}): {why}", sessions[c.entry.session]);
                 }
                 Ok(())
             }

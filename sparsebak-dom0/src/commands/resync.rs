@@ -8,15 +8,14 @@ use crate::changes::{Candidates, ScanJobs};
 use crate::chunk;
 use crate::chunk::pipeline;
 use crate::meta::MetaDir;
-use crate::source::lvm::TrackedVolume;
-use crate::source::ImageVolume;
+use crate::source::{lvm::TrackedVolume, ImageVolume};
 use anyhow::{bail, Result};
 
 pub fn run(ctx: &Ctx) -> Result<()> {
     let names = ctx.config.select_volumes(&ctx.cli.volumes, true)?;
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
     let pool = ctx.require_thin_pool("resync")?;
-    let keys = crate::crypto::archive_key::load(ctx, &meta)?;
+    let keys = ctx.keys(&meta)?;
     for name in &names {
         let vm = meta.volume(&ctx.pool_dir, name);
         let sessions = vm.sessions()?;

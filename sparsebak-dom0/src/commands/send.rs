@@ -15,22 +15,21 @@
 
 use super::Ctx;
 use crate::changes::{Candidates, ScanJobs};
-use crate::chunk::pipeline;
-use crate::chunk::{self, ChunkCodec, Packed};
+use crate::chunk::{self, pipeline, ChunkCodec, Packed};
 use crate::config::SourceKind;
-use crate::crypto::archive_key;
-use crate::crypto::Keys;
-use crate::meta::{ChunkState, ManifestEntry, ManifestWriter};
-use crate::meta::{MetaDir, VolumeMeta};
-use crate::meta::{SessionFormat, SessionId, SessionInfo};
-use crate::remote::metafile::{self, MetaRef};
-use crate::remote::rollback;
-use crate::remote::Receiver;
-use crate::source::lvm::ThinPool;
-use crate::source::lvm::TrackedVolume;
-use crate::source::ImageVolume;
-use crate::ui::human_bytes;
-use crate::ui::Progress;
+use crate::crypto::{archive_key, Keys};
+use crate::meta::{
+    ChunkState, ManifestEntry, ManifestWriter, MetaDir, SessionFormat, SessionId, SessionInfo, VolumeMeta,
+};
+use crate::remote::{
+    metafile::{self, MetaRef},
+    rollback, Receiver,
+};
+use crate::source::{
+    lvm::{ThinPool, TrackedVolume},
+    ImageVolume,
+};
+use crate::ui::{human_bytes, Progress};
 use anyhow::{bail, Context, Result};
 use sparsebak_fsutil::write_file_durably;
 use sparsebak_proto::{MetaFile, VolumeRef};
@@ -39,10 +38,10 @@ use std::time::Instant;
 pub fn run(ctx: &Ctx) -> Result<()> {
     let names = ctx.config.select_volumes(&ctx.cli.volumes, true)?;
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
-    let keys = archive_key::for_send(ctx, &meta)?;
+    let keys = archive_key::for_send(ctx.key_scope(), &meta, ctx.cli.passphrase_file.as_deref(), ctx.cli.unattended)?;
     let pool = ctx.thin_pool()?;
     let mut rx = Receiver::connect(&ctx.config)?;
-    let keys = keys.establish(ctx, &mut rx)?;
+    let keys = keys.establish(ctx.key_scope(), &mut rx)?;
     for name in &names {
         send_volume(ctx, &meta, pool.as_ref(), &mut rx, keys.as_ref(), name)
             .with_context(|| format!("sending {name}"))?;
@@ -109,7 +108,7 @@ fn send_volume(
     let id = SessionId::next(chrono::Utc::now(), newest_known)?;
     let tmp = vm.tmp_session_dir(&id);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut manifest = ManifestWriter::create(&tmp.join("manifest"))?;
+    let mut manifest = ManifestWriter::create(&tmp.join(MetaFile::Manifest.file_name()))?;
     let mut tally = Tally::default();
     let mut begun = false;
     let format = if ctx.cli.tarfile { SessionFormat::Tar } else { SessionFormat::Folders };
@@ -156,7 +155,7 @@ fn send_volume(
         bytes: tally.bytes,
         zeros: tally.zeros,
     };
-    write_file_durably(&tmp.join("info"), info.to_text().as_bytes())?;
+    write_file_durably(&tmp.join(MetaFile::Info.file_name()), info.to_text().as_bytes())?;
     begin_once(rx, &mut begun, &volume, &id, format)?;
     for file in [MetaFile::Manifest, MetaFile::Info] {
         let m = MetaRef { keys, volume: &volume, session: id.as_str(), file };
@@ -199,7 +198,7 @@ fn begin_once(
 fn reconcile(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef) -> Result<Vec<SessionId>> {
     let archive = rollback::archive_sessions(rx, volume)?;
     for id in vm.unfinished_sessions()? {
-        if archive.contains(&id) && vm.tmp_session_dir(&id).join("info").is_file() {
+        if archive.contains(&id) && vm.tmp_session_dir(&id).join(MetaFile::Info.file_name()).is_file() {
             log::warn!(
                 "{}: adopting session {id}, committed by the receiver before the last run was interrupted",
                 volume.name

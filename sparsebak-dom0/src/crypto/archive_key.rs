@@ -11,31 +11,42 @@ use crate::crypto::Keys;
 use crate::meta::MetaDir;
 use crate::remote::Receiver;
 use anyhow::{bail, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::commands::Ctx;
+/// The pool whose key a command works with, and what the config says.
+#[derive(Clone, Copy)]
+pub struct KeyScope<'a> {
+    /// dom0's metadata folder.
+    pub meta_dir: &'a Path,
+    /// The pool folder (`VG%POOL`) the key belongs to.
+    pub pool_dir: &'a str,
+    /// The config's `encryption` setting.
+    pub encryption: bool,
+}
 
-fn key_path(ctx: &Ctx) -> PathBuf {
-    keyfile::dom0_key_path(&ctx.config.meta_dir, &ctx.pool_dir)
+impl KeyScope<'_> {
+    fn key_path(&self) -> PathBuf {
+        keyfile::dom0_key_path(self.meta_dir, self.pool_dir)
+    }
 }
 
 /// The keys of an existing archive, from dom0's key file: what every
 /// command but the first send (and `recover`) uses. No passphrase needed.
-pub fn load(ctx: &Ctx, meta: &MetaDir) -> Result<Option<Keys>> {
-    let path = key_path(ctx);
-    match (keyfile::load_dom0_key(&path)?, ctx.config.encryption) {
+pub fn load(scope: KeyScope, meta: &MetaDir) -> Result<Option<Keys>> {
+    let path = scope.key_path();
+    match (keyfile::load_dom0_key(&path)?, scope.encryption) {
         (Some(key), true) => Ok(Some(Keys::from_data_key(&key))),
         (Some(_), false) => bail!(
             "the archive of {} is encrypted (dom0 holds its key {}), but the config says encryption = off",
-            ctx.pool_dir,
+            scope.pool_dir,
             path.display()
         ),
         (None, false) => Ok(None),
-        (None, true) if meta.volumes_with_metadata(&ctx.pool_dir)?.is_empty() => Ok(None),
+        (None, true) if meta.volumes_with_metadata(scope.pool_dir)?.is_empty() => Ok(None),
         (None, true) => bail!(
             "dom0 has sessions of {} but no key file {}: set `encryption = off` for an archive made without \
              encryption, or rebuild dom0's metadata with `sparsebak recover`",
-            ctx.pool_dir,
+            scope.pool_dir,
             path.display()
         ),
     }
@@ -49,13 +60,12 @@ pub enum SendKeys {
     Create(Passphrase),
 }
 
-pub fn for_send(ctx: &Ctx, meta: &MetaDir) -> Result<SendKeys> {
-    let existing = load(ctx, meta)?;
-    if existing.is_some() || !ctx.config.encryption {
+pub fn for_send(scope: KeyScope, meta: &MetaDir, file: Option<&Path>, unattended: bool) -> Result<SendKeys> {
+    let existing = load(scope, meta)?;
+    if existing.is_some() || !scope.encryption {
         return Ok(SendKeys::Ready(existing));
     }
-    let file = ctx.cli.passphrase_file.as_deref();
-    if file.is_none() && ctx.cli.unattended {
+    if file.is_none() && unattended {
         bail!(
             "creating an encrypted archive needs a passphrase for its key: give --passphrase-file PATH \
              (or run once without -u to be asked), or set `encryption = off`"
@@ -67,34 +77,35 @@ pub fn for_send(ctx: &Ctx, meta: &MetaDir) -> Result<SendKeys> {
 impl SendKeys {
     /// The keys to send with: a new key is stored wrapped in the archive
     /// first, then in dom0 (if dom0 fails in between, `recover` gets it back).
-    pub fn establish(self, ctx: &Ctx, rx: &mut Receiver) -> Result<Option<Keys>> {
+    pub fn establish(self, scope: KeyScope, rx: &mut Receiver) -> Result<Option<Keys>> {
         let pass = match self {
             SendKeys::Ready(keys) => return Ok(keys),
             SendKeys::Create(pass) => pass,
         };
-        if archive_wrapped_key(ctx, rx)?.is_some() {
+        if archive_wrapped_key(scope.pool_dir, rx)?.is_some() {
             bail!(
                 "the archive already holds a key for {} that dom0 lacks: run `sparsebak recover` to rebuild dom0's \
                  metadata from the archive",
-                ctx.pool_dir
+                scope.pool_dir
             );
         }
         let key = crate::crypto::new_data_key()?;
-        let wrapped = WrappedKey::wrap(&key, &pass, &ctx.pool_dir)?;
-        rx.put_key(&ctx.pool_dir, wrapped.to_text().into_bytes())?;
-        keyfile::save_dom0_key(&key_path(ctx), &key)?;
-        log::info!("{}: new encrypted archive; keep the passphrase: it is needed to recover", ctx.pool_dir);
+        let wrapped = WrappedKey::wrap(&key, &pass, scope.pool_dir)?;
+        rx.put_key(scope.pool_dir, wrapped.to_text().into_bytes())?;
+        keyfile::save_dom0_key(&scope.key_path(), &key)?;
+        log::info!("{}: new encrypted archive; keep the passphrase: it is needed to recover", scope.pool_dir);
         Ok(Some(Keys::from_data_key(&key)))
     }
 }
 
 /// The archive's wrapped key of this pool, if it has one.
-pub fn archive_wrapped_key(ctx: &Ctx, rx: &mut Receiver) -> Result<Option<WrappedKey>> {
-    match rx.get_key(&ctx.pool_dir)? {
+pub fn archive_wrapped_key(pool_dir: &str, rx: &mut Receiver) -> Result<Option<WrappedKey>> {
+    match rx.get_key(pool_dir)? {
         None => Ok(None),
         Some(data) if data.len() <= keyfile::MAX_WRAPPED_LEN => {
             let text = String::from_utf8(data).map_err(|_| anyhow::anyhow!("the archive's key file is not text"))?;
-            Ok(Some(WrappedKey::parse(&text)?))
+            let origin = Path::new("archive").join(pool_dir).join(sparsebak_proto::layout::KEY_FILE);
+            Ok(Some(WrappedKey::parse(&text, &origin)?))
         }
         Some(_) => bail!("the archive's key file is too large"),
     }

@@ -14,13 +14,16 @@ use crate::crypto::{open_with, seal_with, Aad, DataKey};
 use crate::hex;
 use anyhow::{anyhow, bail, Context, Result};
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
+use sparsebak_proto::layout;
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
-pub const KEY_FILE: &str = ".sparsebak-key";
+/// Version of both key files' format. Version 1 files written before
+/// versions existed have no `version=` line (dom0's was the bare hex key).
+pub const KEY_FILE_VERSION: u32 = 1;
 
 /// Largest wrapped-key file either side accepts.
 pub const MAX_WRAPPED_LEN: usize = 4096;
@@ -38,7 +41,7 @@ const KDF_P_MAX: u32 = 16;
 
 /// dom0's copy of the data key of one pool folder.
 pub fn dom0_key_path(meta_root: &Path, pool_dir: &str) -> PathBuf {
-    meta_root.join(pool_dir).join(KEY_FILE)
+    meta_root.join(pool_dir).join(layout::KEY_FILE)
 }
 
 pub fn load_dom0_key(path: &Path) -> Result<Option<DataKey>> {
@@ -47,7 +50,16 @@ pub fn load_dom0_key(path: &Path) -> Result<Option<DataKey>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading key {}", path.display())),
     };
-    let key = unhex32(text.trim()).with_context(|| format!("key file {} is damaged", path.display()))?;
+    let kv = key_values(&text);
+    // Version 1 before versions existed: the bare hex key on one line.
+    let hex_key = match kv.get("key") {
+        Some(k) => {
+            layout::check_format_version(path, version_of(&kv)?, KEY_FILE_VERSION)?;
+            *k
+        }
+        None => text.trim(),
+    };
+    let key = unhex32(hex_key).with_context(|| format!("key file {} is damaged", path.display()))?;
     Ok(Some(key))
 }
 
@@ -56,7 +68,7 @@ pub fn load_dom0_key(path: &Path) -> Result<Option<DataKey>> {
 pub fn save_dom0_key(path: &Path, key: &DataKey) -> Result<()> {
     let dir = path.parent().context("key path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let text = Zeroizing::new(format!("{}\n", hex::encode(key.as_slice())));
+    let text = Zeroizing::new(format!("version={KEY_FILE_VERSION}\nkey={}\n", hex::encode(key.as_slice())));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -101,7 +113,7 @@ impl WrappedKey {
 
     pub fn to_text(&self) -> String {
         format!(
-            "kdf=argon2id\nm_kib={}\nt={}\np={}\nsalt={}\nsealed={}\n",
+            "version={KEY_FILE_VERSION}\nkdf=argon2id\nm_kib={}\nt={}\np={}\nsalt={}\nsealed={}\n",
             self.m_kib,
             self.t,
             self.p,
@@ -110,8 +122,10 @@ impl WrappedKey {
         )
     }
 
-    pub fn parse(text: &str) -> Result<WrappedKey> {
-        let kv: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+    /// Parses the archive's key file; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<WrappedKey> {
+        let kv = key_values(text);
+        layout::check_format_version(origin, version_of(&kv)?, KEY_FILE_VERSION)?;
         let get = |k: &str| kv.get(k).copied().ok_or_else(|| anyhow!("key file lacks {k:?}"));
         let num = |k: &str, max: u32| -> Result<u32> {
             let v: u32 = get(k)?.parse().with_context(|| format!("key file {k:?}"))?;
@@ -132,6 +146,15 @@ impl WrappedKey {
             sealed: hex::decode(get("sealed")?)?,
         })
     }
+}
+
+fn key_values(text: &str) -> HashMap<&str, &str> {
+    text.lines().filter_map(|l| l.split_once('=')).collect()
+}
+
+/// The `version=` of a key file; 1 when absent (written before versions).
+fn version_of(kv: &HashMap<&str, &str>) -> Result<u32> {
+    kv.get("version").map_or(Ok(1), |v| v.parse().with_context(|| format!("key file version {v:?}")))
 }
 
 fn derive(passphrase: &[u8], salt: &[u8], m_kib: u32, t: u32, p: u32) -> Result<XChaCha20Poly1305> {
@@ -156,7 +179,7 @@ mod tests {
     fn wrap_round_trip_and_wrong_passphrase() {
         let key = crate::crypto::new_data_key().expect("key");
         let w = WrappedKey::wrap(&key, b"correct horse", "vg%pool").expect("wraps");
-        let parsed = WrappedKey::parse(&w.to_text()).expect("parses");
+        let parsed = WrappedKey::parse(&w.to_text(), Path::new("k")).expect("parses");
         assert_eq!(parsed, w);
         assert_eq!(*parsed.unwrap_key(b"correct horse", "vg%pool").expect("unwraps"), *key);
         let err = parsed.unwrap_key(b"wrong", "vg%pool").expect_err("refused");
@@ -169,8 +192,8 @@ mod tests {
         let key = crate::crypto::new_data_key().expect("key");
         let text = WrappedKey::wrap(&key, b"pw", "p%q").expect("wraps").to_text();
         let huge = text.replace(&format!("m_kib={KDF_M_KIB}"), "m_kib=4000000000");
-        assert!(WrappedKey::parse(&huge).is_err());
-        assert!(WrappedKey::parse(&text.replace("kdf=argon2id", "kdf=none")).is_err());
+        assert!(WrappedKey::parse(&huge, Path::new("k")).is_err());
+        assert!(WrappedKey::parse(&text.replace("kdf=argon2id", "kdf=none"), Path::new("k")).is_err());
     }
 
     #[test]
@@ -185,5 +208,34 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(*load_dom0_key(&path).expect("reads").expect("present"), *key);
         assert!(save_dom0_key(&path, &key).is_err());
+    }
+
+    #[test]
+    fn key_files_carry_a_version_and_older_ones_still_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = crate::crypto::new_data_key().expect("key");
+        // dom0's key file as written before versions: the bare hex key.
+        let old = dir.path().join("old");
+        std::fs::write(&old, format!("{}\n", hex::encode(key.as_slice()))).expect("write");
+        assert_eq!(*load_dom0_key(&old).expect("reads").expect("present"), *key);
+        let new = dir.path().join("new");
+        save_dom0_key(&new, &key).expect("saves");
+        let text = std::fs::read_to_string(&new).expect("read");
+        assert!(text.starts_with(&format!("version={KEY_FILE_VERSION}\n")), "{text}");
+        std::fs::write(&new, text.replace("version=1", "version=9")).expect("write");
+        let err = format!("{:#}", load_dom0_key(&new).expect_err("newer refused"));
+        assert!(err.contains(&new.display().to_string()) && err.contains("format version 9"), "{err}");
+        assert!(err.contains("(version 1)"), "{err}");
+
+        // The archive's wrapped key: versionless (old) parses; newer is refused.
+        let wrapped = WrappedKey::wrap(&key, b"pw", "p%q").expect("wraps").to_text();
+        assert!(wrapped.starts_with("version=1\n"), "{wrapped}");
+        let versionless = wrapped.replace("version=1\n", "");
+        assert!(WrappedKey::parse(&versionless, Path::new("k")).is_ok());
+        let err =
+            WrappedKey::parse(&wrapped.replace("version=1", "version=2"), Path::new("archive/p%q/.sparsebak-key"))
+                .expect_err("newer refused")
+                .to_string();
+        assert!(err.contains("archive/p%q/.sparsebak-key") && err.contains("format version 2"), "{err}");
     }
 }

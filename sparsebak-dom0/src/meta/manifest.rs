@@ -66,13 +66,14 @@ pub struct ManifestEntry {
 
 impl ManifestEntry {
     pub fn to_line(self) -> String {
+        let addr = sparsebak_proto::layout::addr_token(self.addr);
         match self.state {
-            ChunkState::Zero => format!("0 0 x{:016x}\n", self.addr),
+            ChunkState::Zero => format!("0 0 {addr}\n"),
             ChunkState::Stored { plain, stored, origin: None } => {
-                format!("{} {} x{:016x}\n", hex(&plain), hex(&stored), self.addr)
+                format!("{} {} {addr}\n", hex(&plain), hex(&stored))
             }
             ChunkState::Stored { plain, stored, origin: Some(o) } => {
-                format!("{} {} x{:016x} {}\n", hex(&plain), hex(&stored), self.addr, o.as_str())
+                format!("{} {} {addr} {}\n", hex(&plain), hex(&stored), o.as_str())
             }
         }
     }

@@ -15,11 +15,11 @@ use crate::meta::{ManifestMerge, ManifestReader};
 use crate::meta::{SessionId, SessionInfo};
 use anyhow::{bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
+use sparsebak_proto::layout;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 const LOCK_FILE: &str = ".sparsebak.lock";
-pub const TMP_SUFFIX: &str = "-tmp";
 
 /// The locked metadata directory.
 pub struct MetaDir {
@@ -61,7 +61,7 @@ impl MetaDir {
     pub fn delete_volume(&self, pool_dir: &str, name: &str) -> Result<()> {
         let pool = self.root.join(pool_dir);
         let dir = pool.join(name);
-        let doomed = pool.join(format!(".{name}-deleted"));
+        let doomed = pool.join(layout::deleted_name(name));
         if doomed.exists() {
             fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
         }
@@ -150,7 +150,7 @@ impl VolumeMeta {
             let Some(name) = e.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            let (base, tmp) = match name.strip_suffix(TMP_SUFFIX) {
+            let (base, tmp) = match name.strip_suffix(layout::TMP_SUFFIX) {
                 Some(b) => (b.to_string(), true),
                 None => (name, false),
             };
@@ -166,17 +166,17 @@ impl VolumeMeta {
     }
 
     pub fn tmp_session_dir(&self, id: &SessionId) -> PathBuf {
-        self.dir.join(format!("{id}{TMP_SUFFIX}"))
+        self.dir.join(format!("{id}{}", layout::TMP_SUFFIX))
     }
 
     pub fn info(&self, id: &SessionId) -> Result<SessionInfo> {
-        let path = self.session_dir(id).join("info");
+        let path = self.session_dir(id).join(layout::INFO_FILE);
         let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         SessionInfo::parse(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
     pub fn manifest_path(&self, id: &SessionId) -> PathBuf {
-        self.session_dir(id).join("manifest")
+        self.session_dir(id).join(layout::MANIFEST_FILE)
     }
 
     /// The merged view of `sessions` (oldest first): newest entry per address.

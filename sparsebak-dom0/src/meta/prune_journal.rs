@@ -18,14 +18,12 @@
 use crate::meta::SessionId;
 use crate::meta::VolumeMeta;
 use anyhow::{anyhow, bail, Context, Result};
-use sparsebak_fsutil::{fsync_dir, write_file_durably};
+use sparsebak_fsutil::{fsync_dir, with_suffix, write_file_durably};
+use sparsebak_proto::{layout, MetaFile};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-const JOURNAL: &str = "prune.journal";
 const MERGED_SUFFIX: &str = "merged";
-/// Suffix of a pruned session's metadata folder while it is removed.
-const GONE_SUFFIX: &str = "-pruned";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JournalState {
@@ -42,7 +40,7 @@ pub struct PruneJournal {
 
 impl PruneJournal {
     fn path(vm: &VolumeMeta) -> PathBuf {
-        vm.dir().join(JOURNAL)
+        vm.dir().join(layout::PRUNE_JOURNAL)
     }
 
     pub fn read(vm: &VolumeMeta) -> Result<Option<PruneJournal>> {
@@ -89,10 +87,9 @@ impl PruneJournal {
     }
 }
 
-/// Where N's merged manifest or info (`file` = "manifest" or "info") is
-/// built before the commit.
-pub fn merged_path(vm: &VolumeMeta, into: &SessionId, file: &str) -> PathBuf {
-    vm.session_dir(into).join(format!("{file}.{MERGED_SUFFIX}"))
+/// Where N's merged manifest or info is built before the commit.
+pub fn merged_path(vm: &VolumeMeta, into: &SessionId, file: MetaFile) -> PathBuf {
+    vm.session_dir(into).join(format!("{}.{MERGED_SUFFIX}", file.file_name()))
 }
 
 /// Completes the local half of a committed prune (idempotent); nothing to
@@ -105,16 +102,17 @@ pub fn settle_local(vm: &VolumeMeta) -> Result<()> {
         return Ok(());
     }
     let into_dir = vm.session_dir(&j.into);
-    for file in ["manifest", "info"] {
+    for file in [MetaFile::Manifest, MetaFile::Info] {
         let merged = merged_path(vm, &j.into, file);
         if merged.exists() {
-            fs::rename(&merged, into_dir.join(file)).with_context(|| format!("installing {}", merged.display()))?;
+            fs::rename(&merged, into_dir.join(file.file_name()))
+                .with_context(|| format!("installing {}", merged.display()))?;
         }
     }
     fsync_dir(&into_dir)?;
     crate::testhook_step("merged metadata installed");
     let pruned_dir = vm.session_dir(&j.pruned);
-    let gone = with_suffix(&pruned_dir, GONE_SUFFIX);
+    let gone = with_suffix(&pruned_dir, layout::PRUNED_SUFFIX);
     if pruned_dir.exists() {
         fs::rename(&pruned_dir, &gone).with_context(|| format!("renaming {}", pruned_dir.display()))?;
         fsync_dir(vm.dir())?;
@@ -127,7 +125,7 @@ pub fn settle_local(vm: &VolumeMeta) -> Result<()> {
 
 /// Removes the `.merged` files of a prune that is rolled back.
 pub fn discard_merged(vm: &VolumeMeta, into: &SessionId) -> Result<()> {
-    for file in ["manifest", "info"] {
+    for file in [MetaFile::Manifest, MetaFile::Info] {
         let path = merged_path(vm, into, file);
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -136,12 +134,6 @@ pub fn discard_merged(vm: &VolumeMeta, into: &SessionId) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
 }
 
 #[cfg(test)]

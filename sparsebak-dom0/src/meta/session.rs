@@ -2,7 +2,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
-use sparsebak_proto::names;
+use sparsebak_proto::{layout, names};
 
 const NAME_FORMAT: &str = "S_%Y%m%d-%H%M%S";
 
@@ -66,7 +66,11 @@ impl SessionInfo {
     }
 }
 
-/// The `info` file of a session: `key=value` lines.
+/// Version of the `info` format. Version 1 files written before versions
+/// existed have no `version=` line; that still means version 1.
+pub const INFO_VERSION: u32 = 1;
+
+/// The `info` file of a session: `key=value` lines, `version=` first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
     pub format: SessionFormat,
@@ -86,7 +90,7 @@ impl SessionInfo {
         let format = self.format_name();
         let previous = self.previous.as_ref().map_or("none", |p| p.as_str());
         format!(
-            "format={format}\nchunksize={}\nvolsize={}\nprevious={previous}\nchunks={}\nbytes={}\nzeros={}\n",
+            "version={INFO_VERSION}\nformat={format}\nchunksize={}\nvolsize={}\nprevious={previous}\nchunks={}\nbytes={}\nzeros={}\n",
             self.chunk_size, self.volume_size, self.chunks, self.bytes, self.zeros
         )
     }
@@ -99,6 +103,11 @@ impl SessionInfo {
         }
         let get = |k: &str| kv.get(k).copied().ok_or_else(|| anyhow!("info lacks {k:?}"));
         let num = |k: &str| -> Result<u64> { get(k)?.parse().with_context(|| format!("info {k:?}")) };
+        let version = match kv.get("version") {
+            Some(v) => v.parse().with_context(|| format!("info version {v:?}"))?,
+            None => 1,
+        };
+        layout::check_format_version(std::path::Path::new(layout::INFO_FILE), version, INFO_VERSION)?;
         let format = match get("format")? {
             "folders" => SessionFormat::Folders,
             "tar" => SessionFormat::Tar,
@@ -164,5 +173,25 @@ mod tests {
         let tar = SessionInfo { format: SessionFormat::Tar, ..info };
         assert_eq!(SessionInfo::parse(&tar.to_text()).expect("parses"), tar);
         assert!(SessionInfo::parse("format=folders\n").is_err());
+    }
+
+    #[test]
+    fn info_versions() {
+        let info = SessionInfo {
+            format: SessionFormat::Folders,
+            chunk_size: 65536,
+            volume_size: 1,
+            previous: None,
+            chunks: 1,
+            bytes: 1,
+            zeros: 0,
+        };
+        let text = info.to_text();
+        assert!(text.starts_with("version=1\n"), "{text}");
+        // Written before versions existed: no version line means version 1.
+        let old = text.replace("version=1\n", "");
+        assert_eq!(SessionInfo::parse(&old).expect("versionless parses"), info);
+        let err = SessionInfo::parse(&text.replace("version=1", "version=3")).expect_err("newer refused").to_string();
+        assert!(err.contains("info") && err.contains("format version 3") && err.contains("(version 1)"), "{err}");
     }
 }

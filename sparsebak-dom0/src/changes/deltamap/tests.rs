@@ -91,7 +91,7 @@ fn save_load_roundtrip() {
     }
     m.save(&p).expect("save");
     assert_eq!(DeltaMap::load(&p).expect("load"), m);
-    assert!(!dir.path().join("vol.deltamap.tmp").exists());
+    assert!(!dir.path().join("vol.deltamap.new").exists());
     // Saving again replaces it.
     m.clear();
     m.save(&p).expect("save");
@@ -126,9 +126,38 @@ fn damage_is_detected() {
     let e = DeltaMap::from_bytes(&body).expect_err("padding");
     assert!(e.contains("past the last"), "{e}");
     // A stale temporary file from a crashed save does not matter.
-    std::fs::write(dir.path().join("vol.deltamap.tmp"), b"junk").expect("write");
+    std::fs::write(dir.path().join("vol.deltamap.new"), b"junk").expect("write");
     m.save(&p).expect("save");
     assert_eq!(DeltaMap::load(&p).expect("load"), m);
+}
+
+#[test]
+fn format_version_one_loads_and_a_newer_map_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("vol.deltamap");
+    let mut m = DeltaMap::new(C, 20).expect("new");
+    m.mark(3).expect("mark");
+    let bytes = m.to_bytes();
+    // Version 1 is the "SBDMAP01" magic every map had before versions were named.
+    assert_eq!(&bytes[..8], b"SBDMAP01");
+    // An intact map (valid checksum) of version 2 comes from a newer sparsebak.
+    let mut body = bytes[..bytes.len() - 32].to_vec();
+    body[6..8].copy_from_slice(b"02");
+    let sum = Sha256::digest(&body);
+    body.extend_from_slice(&sum);
+    std::fs::write(&p, &body).expect("write");
+    let err = DeltaMap::load(&p).expect_err("newer refused");
+    assert!(matches!(err, LoadError::Newer(_, 2)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&p.display().to_string()) && msg.contains("format version 2") && msg.contains("(version 1)"),
+        "{msg}"
+    );
+    // A version digit flipped in a damaged map is damage, not a newer map.
+    let mut flipped = bytes.clone();
+    flipped[7] = b'7';
+    std::fs::write(&p, &flipped).expect("write");
+    assert!(matches!(DeltaMap::load(&p), Err(LoadError::Corrupt(..))));
 }
 
 proptest! {

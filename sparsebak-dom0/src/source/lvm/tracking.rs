@@ -90,13 +90,16 @@ impl<'a> TrackedVolume<'a> {
         }
     }
 
-    fn load_map(&self, chunk_size: u64) -> Result<DeltaMap, String> {
-        match DeltaMap::load(&self.map_path) {
+    /// The map, or why the change history is unusable (then the whole
+    /// volume is compared). A map from a newer sparsebak is an error: a
+    /// downgrade must not silently discard what the newer one recorded.
+    fn load_map(&self, chunk_size: u64) -> Result<Result<DeltaMap, String>> {
+        Ok(match DeltaMap::load(&self.map_path) {
             Ok(m) if m.chunk_size() == chunk_size => Ok(m),
             Ok(m) => Err(format!("delta map chunk size {} differs from the archive's {chunk_size}", m.chunk_size())),
-            Err(e @ (LoadError::Missing(_) | LoadError::Corrupt(..))) => Err(e.to_string()),
-            Err(e) => Err(format!("{e}")),
-        }
+            Err(e @ LoadError::Newer(..)) => return Err(e.into()),
+            Err(e) => Err(e.to_string()),
+        })
     }
 
     /// Snapshot tock, fold tick->tock changes into `map`, save it.
@@ -126,7 +129,7 @@ impl<'a> TrackedVolume<'a> {
         if !self.recover()? {
             return Ok(MonitorOutcome::NotSentYet);
         }
-        let mut map = match self.load_map(chunk_size) {
+        let mut map = match self.load_map(chunk_size)? {
             Ok(m) => m,
             Err(why) => return Ok(MonitorOutcome::Untrusted(why)),
         };
@@ -144,7 +147,7 @@ impl<'a> TrackedVolume<'a> {
             self.pool.create_snapshot(&self.name, &self.tock())?;
             Candidates::AllData
         } else {
-            let map = if has_tick { self.load_map(chunk_size) } else { Err(format!("{} is missing", self.tick())) };
+            let map = if has_tick { self.load_map(chunk_size)? } else { Err(format!("{} is missing", self.tick())) };
             match map {
                 Ok(mut map) => {
                     self.fold_changes(&mut map)?;
@@ -163,7 +166,7 @@ impl<'a> TrackedVolume<'a> {
     /// The map `resync` marks into: the current one, or a fresh one when it
     /// is missing or damaged (resync is how a lost map is rebuilt).
     pub fn map_for_resync(&self, chunk_size: u64, tick_size: u64) -> Result<DeltaMap> {
-        match self.load_map(chunk_size) {
+        match self.load_map(chunk_size)? {
             Ok(m) => Ok(m),
             Err(_) => DeltaMap::for_volume(chunk_size, tick_size),
         }

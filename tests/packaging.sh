@@ -1,5 +1,5 @@
 #!/bin/sh
-# Packaging and transport tests of issue 6, for .ci/run (as root, after
+# Packaging and transport tests (docs/INSTALL.md, README "Transport"), for .ci/run (as root, after
 # `cargo build --workspace`): installs their Debian packages (openssh-server
 # and -client; rpm, rpm2cpio, cpio), then runs the real-sshd test and the RPM
 # build-and-inspect test. Each prints "N passed, M failed"; this script

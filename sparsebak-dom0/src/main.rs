@@ -15,13 +15,6 @@ mod ui;
 
 use clap::Parser;
 
-/// The crash-test hook of dom0's journaled operations (see
-/// `sparsebak_proto::testhook`: `SPARSEBAK_TEST_STOP_AFTER=N` stops the
-/// process at the N-th step).
-pub fn testhook_step(what: &str) {
-    sparsebak_proto::testhook::step(sparsebak_proto::testhook::DOM0_VAR, what);
-}
-
 fn main() {
     let cli = cli::Cli::parse();
     ui::logging::init(cli.quiet, cli.verbose);

@@ -9,9 +9,9 @@
 //! config is deleted too, with a warning that its next send is a full one.
 
 use super::Ctx;
+use crate::changes::TrackedVolume;
 use crate::meta::MetaDir;
 use crate::remote::Receiver;
-use crate::source::lvm::TrackedVolume;
 use crate::ui::confirm;
 use anyhow::{bail, Context, Result};
 

@@ -24,11 +24,9 @@ mod send;
 
 use crate::cli::{Cli, CommandName};
 use crate::config::{Config, SourceKind};
-use crate::crypto::{
-    archive_key::{self, KeyScope},
-    Keys,
-};
+use crate::crypto::Keys;
 use crate::meta::{MetaDir, SessionId};
+use crate::remote::archive_key::{self, KeyScope};
 use crate::source::lvm::ThinPool;
 use anyhow::{bail, Result};
 use sparsebak_proto::VolumeRef;

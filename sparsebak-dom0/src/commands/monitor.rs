@@ -4,8 +4,8 @@
 //! one volume does not stop the others; the exit status reports it.
 
 use super::Ctx;
+use crate::changes::{MonitorOutcome, TrackedVolume};
 use crate::meta::MetaDir;
-use crate::source::lvm::{MonitorOutcome, TrackedVolume};
 use anyhow::{bail, Result};
 
 pub fn run(ctx: &Ctx) -> Result<()> {

@@ -26,14 +26,13 @@
 use super::Ctx;
 use crate::crypto::Keys;
 use crate::meta::{
-    prune_journal::{self, merged_path, JournalState, PruneJournal},
+    prune_journal::{self, merged_path, test_step as step, JournalState, PruneJournal},
     ChunkState, ManifestWriter, MetaDir, Origin, SessionId, SessionInfo, VolumeMeta,
 };
 use crate::remote::{
     metafile::{self, MetaRef},
     Receiver,
 };
-use crate::testhook_step as step;
 use anyhow::{bail, Context, Result};
 use sparsebak_fsutil::write_file_durably;
 use sparsebak_proto::{MetaFile, VolumeRef};

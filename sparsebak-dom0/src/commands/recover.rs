@@ -12,9 +12,10 @@
 //! the recovered sessions are listed so the user can judge.
 
 use super::{restore, Ctx};
-use crate::crypto::{archive_key, keyfile, passphrase, Keys};
+use crate::crypto::{keyfile, passphrase, Keys};
 use crate::meta::{ManifestReader, MetaDir, SessionId, SessionInfo, VolumeMeta};
 use crate::remote::{
+    archive_key,
     metafile::{self, MetaRef},
     rollback, Receiver,
 };
@@ -96,8 +97,11 @@ fn recover_volume(rx: &mut Receiver, keys: Option<&Keys>, volume: &VolumeRef, vm
             vm.discard_unfinished(id)?;
         }
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let info = fetch_info(rx, MetaRef { keys, volume, session: id.as_str(), file: MetaFile::Info })?;
-        write_file_durably(&tmp.join(MetaFile::Info.file_name()), info.to_text().as_bytes())?;
+        let (info, text) = fetch_info(rx, MetaRef { keys, volume, session: id.as_str(), file: MetaFile::Info })?;
+        // Kept as the archive has it, not re-serialized: `verify` compares the
+        // two copies byte for byte, and an older info (no version line) must
+        // stay the same file it was.
+        write_file_durably(&tmp.join(MetaFile::Info.file_name()), text.as_bytes())?;
         let lines = info.volume_size.div_ceil(info.chunk_size);
         let m = MetaRef { keys, volume, session: id.as_str(), file: MetaFile::Manifest };
         fetch_manifest(rx, m, lines.saturating_mul(MAX_LINE), &tmp.join(MetaFile::Manifest.file_name()))?;
@@ -106,14 +110,16 @@ fn recover_volume(rx: &mut Receiver, keys: Option<&Keys>, volume: &VolumeRef, vm
     Ok(sessions.len())
 }
 
-fn fetch_info(rx: &mut Receiver, m: MetaRef) -> Result<SessionInfo> {
+/// The session's info from the archive, parsed, and its text as stored.
+fn fetch_info(rx: &mut Receiver, m: MetaRef) -> Result<(SessionInfo, String)> {
     let mut text = Vec::new();
     metafile::fetch(rx, m, MAX_INFO, |piece| {
         text.extend_from_slice(piece);
         Ok(())
     })?;
     let text = String::from_utf8(text).with_context(|| format!("info of session {} is not text", m.session))?;
-    SessionInfo::parse(&text).with_context(|| format!("info of session {}", m.session))
+    let info = SessionInfo::parse(&text).with_context(|| format!("info of session {}", m.session))?;
+    Ok((info, text))
 }
 
 fn fetch_manifest(rx: &mut Receiver, m: MetaRef, max_len: u64, path: &std::path::Path) -> Result<()> {

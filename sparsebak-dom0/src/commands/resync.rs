@@ -4,11 +4,11 @@
 //! line (after a lost delta map, or a volume reverted to older content).
 
 use super::Ctx;
-use crate::changes::{Candidates, ScanJobs};
+use crate::changes::{Candidates, ScanJobs, TrackedVolume};
 use crate::chunk;
 use crate::chunk::pipeline;
 use crate::meta::MetaDir;
-use crate::source::{lvm::TrackedVolume, ImageVolume};
+use crate::source::ImageVolume;
 use anyhow::{bail, Result};
 
 pub fn run(ctx: &Ctx) -> Result<()> {

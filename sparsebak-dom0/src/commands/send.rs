@@ -14,21 +14,19 @@
 //! session.
 
 use super::Ctx;
-use crate::changes::{Candidates, ScanJobs};
+use crate::changes::{Candidates, ScanJobs, TrackedVolume};
 use crate::chunk::{self, pipeline, ChunkCodec, Packed};
 use crate::config::SourceKind;
-use crate::crypto::{archive_key, Keys};
+use crate::crypto::Keys;
 use crate::meta::{
     ChunkState, ManifestEntry, ManifestWriter, MetaDir, SessionFormat, SessionId, SessionInfo, VolumeMeta,
 };
 use crate::remote::{
+    archive_key,
     metafile::{self, MetaRef},
     rollback, Receiver,
 };
-use crate::source::{
-    lvm::{ThinPool, TrackedVolume},
-    ImageVolume,
-};
+use crate::source::{lvm::ThinPool, ImageVolume};
 use crate::ui::{human_bytes, Progress};
 use anyhow::{bail, Context, Result};
 use sparsebak_fsutil::write_file_durably;

@@ -25,6 +25,13 @@ use std::path::PathBuf;
 
 const MERGED_SUFFIX: &str = "merged";
 
+/// The crash-test hook of dom0's journaled operations (see
+/// `sparsebak_proto::testhook`: `SPARSEBAK_TEST_STOP_AFTER=N` stops the
+/// process at the N-th step).
+pub fn test_step(what: &str) {
+    sparsebak_proto::testhook::step(sparsebak_proto::testhook::DOM0_VAR, what);
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JournalState {
     Prepared,
@@ -110,7 +117,7 @@ pub fn settle_local(vm: &VolumeMeta) -> Result<()> {
         }
     }
     fsync_dir(&into_dir)?;
-    crate::testhook_step("merged metadata installed");
+    test_step("merged metadata installed");
     let pruned_dir = vm.session_dir(&j.pruned);
     let gone = with_suffix(&pruned_dir, layout::PRUNED_SUFFIX);
     if pruned_dir.exists() {

@@ -3,9 +3,9 @@
 //!
 //! - [`ImageVolume`] (`image.rs`): reads an image file or block device by
 //!   chunk, skipping holes (also how LVM snapshots are read);
-//! - [`lvm`]: thin pool commands (argument vectors only), the streaming
-//!   `thin_delta` parser, and tick/tock snapshot tracking that feeds the
-//!   delta map in [`crate::changes`].
+//! - [`lvm`]: thin pool commands (argument vectors only) and the streaming
+//!   `thin_delta` parser, which the tick/tock tracking in
+//!   [`crate::changes`] builds on.
 
 mod image;
 pub mod lvm;

@@ -1,17 +1,16 @@
-//! LVM thin change tracking (see the README, "LVM thin change tracking").
+//! LVM thin pools: the commands (argument vectors only) and what they tell.
 //!
 //! * [`thin_delta`]: streaming parser of `thin_delta` XML into byte ranges.
-//! * [`commands`]: lvm / dmsetup / thin_delta invocations (argument vectors
-//!   only) and [`commands::ThinPool::scan_changes`], which ties them together.
-//! * [`tracking`]: tick/tock snapshots and the delta map
-//!   ([`crate::changes::DeltaMap`]), for monitor/send/resync.
+//! * [`commands`]: lvm / dmsetup / thin_delta invocations and
+//!   [`commands::ThinPool::scan_changes`], which ties them together.
+//!
+//! The tick/tock tracking built on them lives in
+//! [`crate::changes`] (`lvm_tracking.rs`).
 
 pub mod commands;
 pub mod thin_delta;
-pub mod tracking;
 
 pub use commands::ThinPool;
-pub use tracking::{MonitorOutcome, TrackedVolume};
 
 #[cfg(test)]
 mod vm_tests;

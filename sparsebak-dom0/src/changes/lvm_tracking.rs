@@ -15,9 +15,8 @@
 //! send falls back to reading the whole volume and comparing chunk hashes
 //! with the archive's manifests.
 
-use super::commands::ThinPool;
-use crate::changes::Candidates;
-use crate::changes::{DeltaMap, LoadError};
+use super::{Candidates, DeltaMap, LoadError};
+use crate::source::lvm::ThinPool;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 

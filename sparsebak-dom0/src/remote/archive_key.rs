@@ -5,11 +5,11 @@
 //! `encryption` must agree with that afterwards, so a typo can never send
 //! plaintext into an encrypted archive or the other way round.
 
+use super::Receiver;
 use crate::crypto::keyfile::{self, WrappedKey};
 use crate::crypto::passphrase::{self, Passphrase};
 use crate::crypto::Keys;
 use crate::meta::MetaDir;
-use crate::remote::Receiver;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 

@@ -63,6 +63,13 @@ pub fn create_file_durably(path: &Path, data: &[u8]) -> Result<()> {
     fsync_dir(dir)
 }
 
+/// `path` with `suffix` appended to its last component (`S_x` -> `S_x-tmp`).
+pub fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    std::path::PathBuf::from(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,11 +93,10 @@ mod tests {
         assert!(!key.exists());
         remove_file_durably(&key).expect("absent is fine");
     }
-}
 
-/// `path` with `suffix` appended to its last component (`S_x` -> `S_x-tmp`).
-pub fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    std::path::PathBuf::from(name)
+    #[test]
+    fn suffix_goes_on_the_last_component() {
+        assert_eq!(with_suffix(Path::new("/a/S_1"), "-tmp"), Path::new("/a/S_1-tmp"));
+        assert_eq!(with_suffix(Path::new("rel/manifest"), ".new"), Path::new("rel/manifest.new"));
+    }
 }

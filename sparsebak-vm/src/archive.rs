@@ -1,15 +1,9 @@
-//! The archive layout on the receiver, defined once:
+//! The archive on the receiver: paths under its root `MOUNT/DIR`. The names
+//! themselves (key file, session folders, chunk paths, suffixes) come from
+//! `sparsebak_proto::layout`, which draws the whole tree; this file only
+//! joins them.
 //!
-//! ```text
-//! MOUNT/DIR/VG%POOL/VOLUME/S_YYYYMMDD-HHMMSS/info
-//!                                           /manifest
-//!                                           /<first 9 hex digits>/x<16 hex digits of the byte address>
-//!                                           /chunks.tar   (tar sessions, see `tar.rs`)
-//! ```
-//!
-//! MOUNT/DIR/VG%POOL/.sparsebak-key                    wrapped key (encrypted archives)
-//!
-//! Sessions are written as `S_...-tmp` and renamed on commit. Every path is
+//! Sessions are written with a `-tmp` suffix and renamed on commit. Every path is
 //! built from validated names and integers only, so nothing leaves the root.
 //! A tar session may also hold chunk files: chunks merged into it by prune
 //! are always stored in the folder layout.
@@ -17,18 +11,13 @@
 //! key file are opaque bytes to it (sealed ones, for encrypted archives).
 
 use anyhow::{bail, Context, Result};
+use sparsebak_proto::layout;
 use sparsebak_proto::{names, Destination, VolumeRef};
 use std::path::{Path, PathBuf};
-
-/// Suffix of a session folder that is still being written.
-pub const TMP_SUFFIX: &str = "-tmp";
 
 /// Largest chunk file the receiver reads or sends back; matches the frame
 /// cap with room for the message header.
 pub const MAX_CHUNK_FILE: u64 = (sparsebak_proto::MAX_FRAME - 64) as u64;
-/// The wrapped key file of a pool folder (volume names cannot start with a
-/// dot, so it never collides with a volume).
-const KEY_FILE: &str = ".sparsebak-key";
 
 /// The root of one archive: `MOUNT/DIR`.
 pub struct Archive {
@@ -59,10 +48,10 @@ impl Archive {
         Ok(self.root.join(&volume.pool).join(&volume.name))
     }
 
-    /// `ROOT/VG%POOL/.sparsebak-key`, after validating the pool name.
+    /// The pool folder's wrapped key file, after validating the pool name.
     pub fn key_path(&self, pool: &str) -> Result<PathBuf> {
         names::validate_pool_dir(pool)?;
-        Ok(self.root.join(pool).join(KEY_FILE))
+        Ok(self.root.join(pool).join(layout::KEY_FILE))
     }
 
     /// The committed folder of a session, after validating its name.
@@ -73,33 +62,20 @@ impl Archive {
 
     /// Committed session names of a volume, sorted (oldest first).
     pub fn list_sessions(&self, volume: &VolumeRef) -> Result<Vec<String>> {
-        let dir = self.volume_dir(volume)?;
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
-        };
-        let mut sessions = Vec::new();
-        for entry in entries {
-            let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-            if let Some(name) = entry.file_name().to_str() {
-                if names::validate_session_name(name).is_ok() {
-                    sessions.push(name.to_string());
-                }
-            }
-        }
+        let mut sessions = entry_names(&self.volume_dir(volume)?)?;
+        sessions.retain(|name| names::validate_session_name(name).is_ok());
         sessions.sort();
         Ok(sessions)
     }
 
     /// Removes a volume and all its sessions. The folder is first renamed
-    /// to `.NAME-deleted` (never a valid volume name), so a receiver killed
+    /// to `layout::deleted_name` (never a valid volume name), so a receiver killed
     /// midway leaves nothing that looks like sessions; a later delete of the
     /// same volume finishes the removal. Deleting an absent volume is fine.
     pub fn delete_volume(&self, volume: &VolumeRef) -> Result<()> {
         let dir = self.volume_dir(volume)?;
         let pool_dir = self.root.join(&volume.pool);
-        let doomed = pool_dir.join(format!(".{}-deleted", volume.name));
+        let doomed = pool_dir.join(layout::deleted_name(&volume.name));
         if doomed.exists() {
             std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
         }
@@ -113,16 +89,40 @@ impl Archive {
     }
 }
 
-/// A chunk's path relative to its session folder:
-/// `<first 9 hex digits>/x<16 hex digits>`. Also its member name in a tar.
-pub fn chunk_rel_path(addr: u64) -> String {
-    let hex = format!("{addr:016x}");
-    format!("{}/x{hex}", &hex[..9])
-}
-
 /// Path of a chunk file inside a session folder.
 pub fn chunk_path(session_dir: &Path, addr: u64) -> PathBuf {
-    session_dir.join(chunk_rel_path(addr))
+    session_dir.join(layout::chunk_rel_path(addr))
+}
+
+/// Removes the session folders of a volume that carry `suffix` (`-tmp`
+/// left by a killed send, `-pruned` left by a killed prune): they are no
+/// sessions, only leftovers. A missing volume folder has none.
+pub fn remove_session_leftovers(vol_dir: &Path, suffix: &str) -> Result<()> {
+    for name in entry_names(vol_dir)? {
+        if name.starts_with(layout::SESSION_PREFIX) && name.ends_with(suffix) {
+            let path = vol_dir.join(&name);
+            std::fs::remove_dir_all(&path).with_context(|| format!("removing leftover {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Names of the entries of `dir` (none if it does not exist). Names that
+/// are not UTF-8 are skipped: nothing sparsebak writes has one.
+fn entry_names(dir: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        if let Ok(name) = entry.file_name().into_string() {
+            names.push(name);
+        }
+    }
+    Ok(names)
 }
 
 #[cfg(test)]

@@ -10,14 +10,21 @@
 //! The receiver never interprets what dom0 stores: chunks, metadata and the
 //! key file are opaque bytes to it (sealed ones, for encrypted archives).
 
-use anyhow::{bail, Context, Result};
-use sparsebak_proto::layout;
+use anyhow::{anyhow, bail, Context, Result};
+use sparsebak_proto::layout::{self, ARCHIVE_FORMAT_VERSION};
 use sparsebak_proto::{names, Destination, VolumeRef};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Largest chunk file the receiver reads or sends back; matches the frame
 /// cap with room for the message header.
 pub const MAX_CHUNK_FILE: u64 = (sparsebak_proto::MAX_FRAME - 64) as u64;
+
+/// What the format marker says before its version number.
+const MARKER_PREFIX: &str = "sparsebak archive format ";
+/// More than any marker we write: a longer file is not one of ours, and is
+/// not read further.
+const MAX_MARKER: u64 = 64;
 
 /// The root of one archive: `MOUNT/DIR`.
 pub struct Archive {
@@ -39,6 +46,7 @@ impl Archive {
         }
         let root = mount.join(&dest.dir);
         std::fs::create_dir_all(&root).with_context(|| format!("creating archive folder {}", root.display()))?;
+        ensure_format_marker(&root)?;
         Ok(Archive { root })
     }
 
@@ -89,6 +97,51 @@ impl Archive {
     }
 }
 
+/// The format marker's whole text for `version`.
+fn marker_text(version: u32) -> String {
+    format!("{MARKER_PREFIX}{version}\n")
+}
+
+/// Checks the archive root's format marker, or writes it when there is
+/// none: a new archive, or one made before the marker existed, which is
+/// version 1, the version written. An archive of a newer format is refused
+/// before anything in it is touched, so an old receiver never writes into a
+/// layout it does not know. Only called once the mount point check passed.
+fn ensure_format_marker(root: &Path) -> Result<()> {
+    let path = root.join(layout::FORMAT_MARKER);
+    let mut text = Vec::new();
+    match std::fs::File::open(&path) {
+        Ok(f) => {
+            f.take(MAX_MARKER + 1).read_to_end(&mut text).with_context(|| format!("reading {}", path.display()))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return sparsebak_fsutil::write_file_durably(&path, marker_text(ARCHIVE_FORMAT_VERSION).as_bytes());
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    let version = parse_marker(&path, &text)?;
+    layout::check_format_version(&path, version, ARCHIVE_FORMAT_VERSION)
+}
+
+/// The version a marker holds. Strict: exactly what [`marker_text`] writes
+/// for some version from 1 on, so a damaged marker is never taken for an
+/// old one.
+fn parse_marker(path: &Path, text: &[u8]) -> Result<u32> {
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|t| Some((t, t.strip_prefix(MARKER_PREFIX)?.strip_suffix('\n')?.parse::<u32>().ok()?)))
+        .filter(|&(t, version)| version >= 1 && t == marker_text(version))
+        .map(|(_, version)| version)
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: garbled archive format marker {:?}; expected {:?}",
+                path.display(),
+                String::from_utf8_lossy(text),
+                marker_text(ARCHIVE_FORMAT_VERSION)
+            )
+        })
+}
+
 /// Path of a chunk file inside a session folder.
 pub fn chunk_path(session_dir: &Path, addr: u64) -> PathBuf {
     session_dir.join(layout::chunk_rel_path(addr))
@@ -128,6 +181,86 @@ fn entry_names(dir: &Path) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An archive folder under a fresh temp dir, with `/` as the mount point
+    /// (it is one, and the temp dir is not).
+    fn dest_in(tmp: &tempfile::TempDir) -> Destination {
+        let rel = tmp.path().join("archive").strip_prefix("/").expect("absolute").to_string_lossy().into_owned();
+        Destination { mountpoint: "/".into(), dir: rel }
+    }
+
+    fn marker_of(tmp: &tempfile::TempDir) -> PathBuf {
+        tmp.path().join("archive").join(layout::FORMAT_MARKER)
+    }
+
+    #[test]
+    fn a_new_archive_gets_the_marker_and_reopens() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        Archive::open(&dest_in(&tmp)).expect("open new");
+        let marker = marker_of(&tmp);
+        assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "sparsebak archive format 1\n");
+        Archive::open(&dest_in(&tmp)).expect("reopen");
+        assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "sparsebak archive format 1\n");
+    }
+
+    #[test]
+    fn an_archive_from_before_the_marker_gets_one() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let session = tmp.path().join("archive/local%images/v/S_20260101-000000");
+        std::fs::create_dir_all(&session).expect("mkdir");
+        let archive = Archive::open(&dest_in(&tmp)).expect("open old archive");
+        assert_eq!(std::fs::read_to_string(marker_of(&tmp)).expect("marker"), marker_text(1));
+        let volume = VolumeRef { pool: "local%images".into(), name: "v".into() };
+        assert_eq!(archive.list_sessions(&volume).expect("list"), ["S_20260101-000000"]);
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_naming_the_marker_and_both_versions() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let marker = marker_of(&tmp);
+        std::fs::create_dir_all(marker.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&marker, "sparsebak archive format 99\n").expect("write");
+        let err = Archive::open(&dest_in(&tmp)).err().expect("refused");
+        let want = layout::check_format_version(&marker, 99, ARCHIVE_FORMAT_VERSION).expect_err("newer");
+        assert_eq!(format!("{err:#}"), want.to_string());
+        assert!(want.to_string().contains(&marker.display().to_string()), "{want}");
+        assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "sparsebak archive format 99\n", "untouched");
+    }
+
+    #[test]
+    fn a_garbled_marker_is_an_error_naming_it_and_is_left_alone() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let marker = marker_of(&tmp);
+        std::fs::create_dir_all(marker.parent().expect("parent")).expect("mkdir");
+        let long = format!("sparsebak archive format 1\n{}", " ".repeat(100));
+        for bad in [
+            "",
+            "sparsebak archive format 1",
+            "sparsebak archive format 01\n",
+            "sparsebak archive format +1\n",
+            "sparsebak archive format 0\n",
+            "sparsebak archive format 1\n\n",
+            "sparsebak archive format 99999999999\n",
+            "Sparsebak archive format 1\n",
+            &long,
+        ] {
+            std::fs::write(&marker, bad).expect("write");
+            let err = format!("{:#}", Archive::open(&dest_in(&tmp)).err().expect("refused"));
+            assert!(err.contains("garbled") && err.contains(&marker.display().to_string()), "{bad:?}: {err}");
+            assert_eq!(std::fs::read_to_string(&marker).expect("marker"), bad, "left as it was");
+        }
+        std::fs::write(&marker, [0xff, 0xfe, b'\n']).expect("write");
+        assert!(Archive::open(&dest_in(&tmp)).is_err(), "not UTF-8");
+    }
+
+    #[test]
+    fn nothing_is_written_on_an_unmounted_destination() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dest = Destination { mountpoint: tmp.path().to_string_lossy().into_owned(), dir: "archive".into() };
+        let err = Archive::open(&dest).err().expect("not a mount point");
+        assert!(err.to_string().contains("not a mount point"), "{err}");
+        assert!(!tmp.path().join("archive").exists(), "no archive folder, no marker");
+    }
 
     #[test]
     fn chunk_paths_group_by_address_prefix() {

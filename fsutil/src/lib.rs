@@ -14,18 +14,23 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 
 /// Writes `data` to `path` durably: temp file, fsync, rename, folder fsync.
 pub fn write_file_durably(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("new");
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().with_context(|| format!("writing {}", path.display()))?;
+    write_synced_tmp(path, data)
+        .and_then(|tmp| std::fs::rename(tmp, path))
+        .with_context(|| format!("writing {}", path.display()))?;
     match path.parent() {
         Some(p) => fsync_dir(p),
         None => Ok(()),
     }
+}
+
+/// Writes `data` to `path`'s temp name (`path` with extension `new`) and
+/// fsyncs it, so that only a rename or link is left to make it appear.
+fn write_synced_tmp(path: &Path, data: &[u8]) -> std::io::Result<std::path::PathBuf> {
+    let tmp = path.with_extension("new");
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(tmp)
 }
 
 /// Removes a file durably; an absent file is fine.
@@ -51,15 +56,11 @@ pub fn create_file_durably(path: &Path, data: &[u8]) -> Result<()> {
         bail!("{} already exists; refusing to replace it", path.display());
     }
     let tmp = path.with_extension("new");
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::hard_link(&tmp, path)
-    };
-    let written = write().with_context(|| format!("writing {}", path.display()));
+    let written = write_synced_tmp(path, data).and_then(|tmp| std::fs::hard_link(tmp, path));
+    // The temp name is gone either way: on success the final name holds
+    // the data, on failure there is nothing to keep.
     let _ = std::fs::remove_file(&tmp);
-    written?;
+    written.with_context(|| format!("writing {}", path.display()))?;
     fsync_dir(dir)
 }
 

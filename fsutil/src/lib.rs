@@ -16,18 +16,29 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 /// folder fsync. The temp name appends to the whole name, so `vm.img` and
 /// `vm.deltamap` never share one.
 pub fn write_file_durably(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = with_suffix(path, ".new");
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().with_context(|| format!("writing {}", path.display()))?;
+    write_synced_tmp(path, data)
+        .and_then(|tmp| std::fs::rename(tmp, path))
+        .with_context(|| format!("writing {}", path.display()))?;
     match path.parent() {
         Some(p) => fsync_dir(p),
         None => Ok(()),
     }
+}
+
+/// The temp name a durable write goes through: `PATH.new`, appended to the
+/// whole name so that `vm.img` and `vm.deltamap` never share one.
+fn tmp_path(path: &Path) -> std::path::PathBuf {
+    with_suffix(path, ".new")
+}
+
+/// Writes `data` to `path`'s temp name and fsyncs it, so that only a rename
+/// or link is left to make it appear.
+fn write_synced_tmp(path: &Path, data: &[u8]) -> std::io::Result<std::path::PathBuf> {
+    let tmp = tmp_path(path);
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(tmp)
 }
 
 /// Removes a file durably; an absent file is fine.
@@ -52,16 +63,12 @@ pub fn create_file_durably(path: &Path, data: &[u8]) -> Result<()> {
     if path.exists() {
         bail!("{} already exists; refusing to replace it", path.display());
     }
-    let tmp = path.with_extension("new");
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::hard_link(&tmp, path)
-    };
-    let written = write().with_context(|| format!("writing {}", path.display()));
+    let tmp = tmp_path(path);
+    let written = write_synced_tmp(path, data).and_then(|tmp| std::fs::hard_link(tmp, path));
+    // The temp name is gone either way: on success the final name holds
+    // the data, on failure there is nothing to keep.
     let _ = std::fs::remove_file(&tmp);
-    written?;
+    written.with_context(|| format!("writing {}", path.display()))?;
     fsync_dir(dir)
 }
 
@@ -83,7 +90,7 @@ mod tests {
         write_file_durably(&p, b"one").expect("write");
         write_file_durably(&p, b"two").expect("replace");
         assert_eq!(std::fs::read(&p).expect("read"), b"two");
-        assert!(!p.with_extension("new").exists(), "no temp file left");
+        assert!(!tmp_path(&p).exists(), "no temp file left");
 
         let key = dir.path().join("sub/key");
         create_file_durably(&key, b"k1").expect("create");
@@ -95,5 +102,10 @@ mod tests {
         assert!(!key.exists());
         remove_file_durably(&key).expect("absent is fine");
     }
-}
 
+    #[test]
+    fn suffix_goes_on_the_last_component() {
+        assert_eq!(with_suffix(Path::new("/a/S_1"), "-tmp"), Path::new("/a/S_1-tmp"));
+        assert_eq!(with_suffix(Path::new("rel/manifest"), ".new"), Path::new("rel/manifest.new"));
+    }
+}

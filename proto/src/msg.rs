@@ -17,10 +17,21 @@
 //!
 //! `Error` is fatal: the receiver sends it and exits. Closing the receiver's
 //! stdin ends the conversation; an uncommitted session is then discarded.
+//!
+//! The wire format is pinned: on the wire a message's kind is its position
+//! in [`Request`] or [`Response`] (bincode numbers serde variants in
+//! declaration order), so reordering variants, or adding, removing or
+//! changing a field, silently changes the protocol. `proto/tests/wire_format.rs`
+//! checks every kind against a golden frame in `proto/tests/fixtures/` and
+//! fails on any such change. A deliberate change bumps [`PROTOCOL_VERSION`]
+//! and then regenerates the fixtures with
+//! `cargo run -p sparsebak-proto --example gen_wire_fixtures` (which refuses
+//! to change them without the bump).
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped whenever a message changes shape or meaning.
+/// Bumped whenever a message changes shape, meaning or position (the
+/// wire-format fixtures then have to be regenerated, see the module doc).
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest archive chunk size (uncompressed) either side accepts.
@@ -81,6 +92,9 @@ pub enum StoreFormat {
     Tar,
 }
 
+/// What dom0 asks. The order of the variants is part of the wire format:
+/// add, remove or move no variant without bumping [`PROTOCOL_VERSION`] (see
+/// the module doc).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Hello {
@@ -172,6 +186,8 @@ pub enum Request {
     },
 }
 
+/// What the receiver answers. As for [`Request`], the order of the variants
+/// is part of the wire format.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Response {
     Ready {

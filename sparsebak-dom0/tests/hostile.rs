@@ -8,6 +8,8 @@
 
 mod common;
 use common::*;
+use sparsebak_proto::frame::encode_frame;
+use sparsebak_proto::Response;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +19,7 @@ use std::process::Command;
 const TAMPER_PY: &str = r#"
 import struct, sys
 mode, keep = sys.argv[1], int(sys.argv[2])
-CHUNK = 3  # bincode variant index of Response::Chunk
+CHUNK = int(sys.argv[3])  # first payload byte of a Response::Chunk (its kind)
 inp, out = sys.stdin.buffer, sys.stdout.buffer
 n = 0
 while True:
@@ -65,7 +67,12 @@ impl Hostile {
         std::fs::copy(&real_sparsebak, &bin).expect("copy sparsebak");
         let py = dir.join("tamper.py");
         std::fs::write(&py, TAMPER_PY).expect("write tamper.py");
-        let script = format!("#!/bin/sh\n{} \"$@\" | python3 {} {mode} {keep}\n", real_vm.display(), py.display());
+        let script = format!(
+            "#!/bin/sh\n{} \"$@\" | python3 {} {mode} {keep} {}\n",
+            real_vm.display(),
+            py.display(),
+            chunk_kind()
+        );
         let fake = dir.join("sparsebak-vm");
         std::fs::write(&fake, script).expect("write fake receiver");
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -88,6 +95,17 @@ impl Hostile {
         let (ok, err) = self.run(&["verify", VOL]);
         assert!(!ok && err.contains(expect), "verify: {err}");
     }
+}
+
+/// The byte that opens the payload of every `Response::Chunk`: its kind as
+/// the wire numbers it, taken from proto's own encoding so that the filter
+/// follows the protocol instead of a copy of its numbering.
+fn chunk_kind() -> u8 {
+    let frame = encode_frame(&Response::Chunk(vec![1, 2, 3])).expect("encode a chunk answer");
+    let kind = frame[4];
+    let other = encode_frame(&Response::ChunkError("x".into())).expect("encode a chunk error");
+    assert_ne!(other[4], kind, "the kind byte tells chunk answers from the others");
+    kind
 }
 
 fn assert_no_files(dir: &Path) {

@@ -1,34 +1,30 @@
-//! The archive layout on the receiver, defined once:
+//! The archive on the receiver: paths under its root `MOUNT/DIR`. The names
+//! themselves (key file, session folders, chunk paths, suffixes) come from
+//! `sparsebak_proto::layout`, which draws the whole tree; this file only
+//! joins them.
 //!
-//! ```text
-//! MOUNT/DIR/VG%POOL/VOLUME/S_YYYYMMDD-HHMMSS/info
-//!                                           /manifest
-//!                                           /<first 9 hex digits>/x<16 hex digits of the byte address>
-//!                                           /chunks.tar   (tar sessions, see `tar.rs`)
-//! ```
-//!
-//! MOUNT/DIR/VG%POOL/.sparsebak-key                    wrapped key (encrypted archives)
-//!
-//! Sessions are written as `S_...-tmp` and renamed on commit. Every path is
+//! Sessions are written with a `-tmp` suffix and renamed on commit. Every path is
 //! built from validated names and integers only, so nothing leaves the root.
 //! A tar session may also hold chunk files: chunks merged into it by prune
 //! are always stored in the folder layout.
 //! The receiver never interprets what dom0 stores: chunks, metadata and the
 //! key file are opaque bytes to it (sealed ones, for encrypted archives).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use sparsebak_proto::layout::{self, ARCHIVE_FORMAT_VERSION};
 use sparsebak_proto::{names, Destination, VolumeRef};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-
-/// Suffix of a session folder that is still being written.
-pub const TMP_SUFFIX: &str = "-tmp";
 
 /// Largest chunk file the receiver reads or sends back; matches the frame
 /// cap with room for the message header.
 pub const MAX_CHUNK_FILE: u64 = (sparsebak_proto::MAX_FRAME - 64) as u64;
-/// The wrapped key file of a pool folder (volume names cannot start with a
-/// dot, so it never collides with a volume).
-const KEY_FILE: &str = ".sparsebak-key";
+
+/// What the format marker says before its version number.
+const MARKER_PREFIX: &str = "sparsebak archive format ";
+/// More than any marker we write: a longer file is not one of ours, and is
+/// not read further.
+const MAX_MARKER: u64 = 64;
 
 /// The root of one archive: `MOUNT/DIR`.
 pub struct Archive {
@@ -50,6 +46,7 @@ impl Archive {
         }
         let root = mount.join(&dest.dir);
         std::fs::create_dir_all(&root).with_context(|| format!("creating archive folder {}", root.display()))?;
+        ensure_format_marker(&root)?;
         Ok(Archive { root })
     }
 
@@ -59,10 +56,10 @@ impl Archive {
         Ok(self.root.join(&volume.pool).join(&volume.name))
     }
 
-    /// `ROOT/VG%POOL/.sparsebak-key`, after validating the pool name.
+    /// The pool folder's wrapped key file, after validating the pool name.
     pub fn key_path(&self, pool: &str) -> Result<PathBuf> {
         names::validate_pool_dir(pool)?;
-        Ok(self.root.join(pool).join(KEY_FILE))
+        Ok(self.root.join(pool).join(layout::KEY_FILE))
     }
 
     /// The committed folder of a session, after validating its name.
@@ -73,33 +70,20 @@ impl Archive {
 
     /// Committed session names of a volume, sorted (oldest first).
     pub fn list_sessions(&self, volume: &VolumeRef) -> Result<Vec<String>> {
-        let dir = self.volume_dir(volume)?;
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
-        };
-        let mut sessions = Vec::new();
-        for entry in entries {
-            let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-            if let Some(name) = entry.file_name().to_str() {
-                if names::validate_session_name(name).is_ok() {
-                    sessions.push(name.to_string());
-                }
-            }
-        }
+        let mut sessions = entry_names(&self.volume_dir(volume)?)?;
+        sessions.retain(|name| names::validate_session_name(name).is_ok());
         sessions.sort();
         Ok(sessions)
     }
 
     /// Removes a volume and all its sessions. The folder is first renamed
-    /// to `.NAME-deleted` (never a valid volume name), so a receiver killed
+    /// to `layout::deleted_name` (never a valid volume name), so a receiver killed
     /// midway leaves nothing that looks like sessions; a later delete of the
     /// same volume finishes the removal. Deleting an absent volume is fine.
     pub fn delete_volume(&self, volume: &VolumeRef) -> Result<()> {
         let dir = self.volume_dir(volume)?;
         let pool_dir = self.root.join(&volume.pool);
-        let doomed = pool_dir.join(format!(".{}-deleted", volume.name));
+        let doomed = pool_dir.join(layout::deleted_name(&volume.name));
         if doomed.exists() {
             std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
         }
@@ -113,21 +97,170 @@ impl Archive {
     }
 }
 
-/// A chunk's path relative to its session folder:
-/// `<first 9 hex digits>/x<16 hex digits>`. Also its member name in a tar.
-pub fn chunk_rel_path(addr: u64) -> String {
-    let hex = format!("{addr:016x}");
-    format!("{}/x{hex}", &hex[..9])
+/// The format marker's whole text for `version`.
+fn marker_text(version: u32) -> String {
+    format!("{MARKER_PREFIX}{version}\n")
+}
+
+/// Checks the archive root's format marker, or writes it when there is
+/// none: a new archive, or one made before the marker existed, which is
+/// version 1, the version written. An archive of a newer format is refused
+/// before anything in it is touched, so an old receiver never writes into a
+/// layout it does not know. Only called once the mount point check passed.
+fn ensure_format_marker(root: &Path) -> Result<()> {
+    let path = root.join(layout::FORMAT_MARKER);
+    let mut text = Vec::new();
+    match std::fs::File::open(&path) {
+        Ok(f) => {
+            f.take(MAX_MARKER + 1).read_to_end(&mut text).with_context(|| format!("reading {}", path.display()))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return sparsebak_fsutil::write_file_durably(&path, marker_text(ARCHIVE_FORMAT_VERSION).as_bytes());
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    let version = parse_marker(&path, &text)?;
+    layout::check_format_version(&path, version, ARCHIVE_FORMAT_VERSION)
+}
+
+/// The version a marker holds. Strict: exactly what [`marker_text`] writes
+/// for some version from 1 on, so a damaged marker is never taken for an
+/// old one.
+fn parse_marker(path: &Path, text: &[u8]) -> Result<u32> {
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|t| Some((t, t.strip_prefix(MARKER_PREFIX)?.strip_suffix('\n')?.parse::<u32>().ok()?)))
+        .filter(|&(t, version)| version >= 1 && t == marker_text(version))
+        .map(|(_, version)| version)
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: garbled archive format marker {:?}; expected {:?}",
+                path.display(),
+                String::from_utf8_lossy(text),
+                marker_text(ARCHIVE_FORMAT_VERSION)
+            )
+        })
 }
 
 /// Path of a chunk file inside a session folder.
 pub fn chunk_path(session_dir: &Path, addr: u64) -> PathBuf {
-    session_dir.join(chunk_rel_path(addr))
+    session_dir.join(layout::chunk_rel_path(addr))
+}
+
+/// Removes the session folders of a volume that carry `suffix` (`-tmp`
+/// left by a killed send, `-pruned` left by a killed prune): they are no
+/// sessions, only leftovers. A missing volume folder has none.
+pub fn remove_session_leftovers(vol_dir: &Path, suffix: &str) -> Result<()> {
+    for name in entry_names(vol_dir)? {
+        if name.starts_with(layout::SESSION_PREFIX) && name.ends_with(suffix) {
+            let path = vol_dir.join(&name);
+            std::fs::remove_dir_all(&path).with_context(|| format!("removing leftover {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Names of the entries of `dir` (none if it does not exist). Names that
+/// are not UTF-8 are skipped: nothing sparsebak writes has one.
+fn entry_names(dir: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        if let Ok(name) = entry.file_name().into_string() {
+            names.push(name);
+        }
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An archive folder under a fresh temp dir, with `/` as the mount point
+    /// (it is one, and the temp dir is not).
+    fn dest_in(tmp: &tempfile::TempDir) -> Destination {
+        let rel = tmp.path().join("archive").strip_prefix("/").expect("absolute").to_string_lossy().into_owned();
+        Destination { mountpoint: "/".into(), dir: rel }
+    }
+
+    fn marker_of(tmp: &tempfile::TempDir) -> PathBuf {
+        tmp.path().join("archive").join(layout::FORMAT_MARKER)
+    }
+
+    #[test]
+    fn a_new_archive_gets_the_marker_and_reopens() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        Archive::open(&dest_in(&tmp)).expect("open new");
+        let marker = marker_of(&tmp);
+        assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "sparsebak archive format 1\n");
+        Archive::open(&dest_in(&tmp)).expect("reopen");
+        assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "sparsebak archive format 1\n");
+    }
+
+    #[test]
+    fn an_archive_from_before_the_marker_gets_one() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let session = tmp.path().join("archive/local%images/v/S_20260101-000000");
+        std::fs::create_dir_all(&session).expect("mkdir");
+        let archive = Archive::open(&dest_in(&tmp)).expect("open old archive");
+        assert_eq!(std::fs::read_to_string(marker_of(&tmp)).expect("marker"), marker_text(1));
+        let volume = VolumeRef { pool: "local%images".into(), name: "v".into() };
+        assert_eq!(archive.list_sessions(&volume).expect("list"), ["S_20260101-000000"]);
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_naming_the_marker_and_both_versions() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let marker = marker_of(&tmp);
+        std::fs::create_dir_all(marker.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&marker, "sparsebak archive format 99\n").expect("write");
+        let err = Archive::open(&dest_in(&tmp)).err().expect("refused");
+        let want = layout::check_format_version(&marker, 99, ARCHIVE_FORMAT_VERSION).expect_err("newer");
+        assert_eq!(format!("{err:#}"), want.to_string());
+        assert!(want.to_string().contains(&marker.display().to_string()), "{want}");
+        assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "sparsebak archive format 99\n", "untouched");
+    }
+
+    #[test]
+    fn a_garbled_marker_is_an_error_naming_it_and_is_left_alone() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let marker = marker_of(&tmp);
+        std::fs::create_dir_all(marker.parent().expect("parent")).expect("mkdir");
+        let long = format!("sparsebak archive format 1\n{}", " ".repeat(100));
+        for bad in [
+            "",
+            "sparsebak archive format 1",
+            "sparsebak archive format 01\n",
+            "sparsebak archive format +1\n",
+            "sparsebak archive format 0\n",
+            "sparsebak archive format 1\n\n",
+            "sparsebak archive format 99999999999\n",
+            "Sparsebak archive format 1\n",
+            &long,
+        ] {
+            std::fs::write(&marker, bad).expect("write");
+            let err = format!("{:#}", Archive::open(&dest_in(&tmp)).err().expect("refused"));
+            assert!(err.contains("garbled") && err.contains(&marker.display().to_string()), "{bad:?}: {err}");
+            assert_eq!(std::fs::read_to_string(&marker).expect("marker"), bad, "left as it was");
+        }
+        std::fs::write(&marker, [0xff, 0xfe, b'\n']).expect("write");
+        assert!(Archive::open(&dest_in(&tmp)).is_err(), "not UTF-8");
+    }
+
+    #[test]
+    fn nothing_is_written_on_an_unmounted_destination() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dest = Destination { mountpoint: tmp.path().to_string_lossy().into_owned(), dir: "archive".into() };
+        let err = Archive::open(&dest).err().expect("not a mount point");
+        assert!(err.to_string().contains("not a mount point"), "{err}");
+        assert!(!tmp.path().join("archive").exists(), "no archive folder, no marker");
+    }
 
     #[test]
     fn chunk_paths_group_by_address_prefix() {

@@ -5,8 +5,9 @@
 //! restore touches.
 
 use crate::archive::{chunk_path, MAX_CHUNK_FILE};
-use crate::tar::{TarIndex, TAR_FILE};
+use crate::tar::TarIndex;
 use anyhow::{bail, Context, Result};
+use sparsebak_proto::layout::TAR_FILE;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;

@@ -20,10 +20,11 @@
 //! Cost: one link (or copy) per surviving chunk of P, one unlink per chunk
 //! of P: never anything proportional to the volume size.
 
-use crate::archive::{chunk_path, Archive};
+use crate::archive::{chunk_path, remove_session_leftovers, Archive};
 use crate::chunk_source::ChunkSource;
 use anyhow::{bail, Context, Result};
-use sparsebak_fsutil::{fsync_dir, remove_file_durably, write_file_durably};
+use sparsebak_fsutil::{fsync_dir, remove_file_durably, with_suffix, write_file_durably};
+use sparsebak_proto::layout::{MANIFEST_FILE, PRUNED_SUFFIX, PRUNE_JOURNAL};
 use sparsebak_proto::{testhook, MetaFile, VolumeRef};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -31,12 +32,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-const JOURNAL: &str = "prune.journal";
+/// The surviving addresses of the unsettled prune, beside its journal. Only
+/// the receiver has this file (dom0 keeps its own state in its journal), so
+/// it is named here rather than in `sparsebak_proto::layout`.
 const ADDRS: &str = "prune.addrs";
-/// Suffix of N's new manifest copy until `finish` renames it.
-const NEW_SUFFIX: &str = "prune-new";
-/// Suffix of a pruned session folder that is being removed.
-const GONE_SUFFIX: &str = "-pruned";
+/// Suffix of N's new manifest copy until `finish` renames it (receiver only,
+/// like `ADDRS`).
+const NEW_SUFFIX: &str = ".prune-new";
 
 fn step(what: &str) {
     testhook::step(testhook::RECEIVER_VAR, what);
@@ -85,7 +87,7 @@ impl Journal {
     }
 
     fn read(vol_dir: &Path) -> Result<Option<Journal>> {
-        let path = vol_dir.join(JOURNAL);
+        let path = vol_dir.join(PRUNE_JOURNAL);
         match fs::read_to_string(&path) {
             Ok(text) => Journal::parse(&text, &path).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -94,7 +96,7 @@ impl Journal {
     }
 
     fn write(&self, vol_dir: &Path) -> Result<()> {
-        write_file_durably(&vol_dir.join(JOURNAL), self.to_text().as_bytes())
+        write_file_durably(&vol_dir.join(PRUNE_JOURNAL), self.to_text().as_bytes())
     }
 }
 
@@ -269,14 +271,14 @@ pub fn finish(archive: &Archive, volume: &VolumeRef, pruned: &str, into: &str, i
     }
     write_file_durably(&into_dir.join(MetaFile::Info.file_name()), info)?;
     step("merged metadata installed");
-    let gone = gone_path(&pruned_dir);
+    let gone = with_suffix(&pruned_dir, PRUNED_SUFFIX);
     if pruned_dir.exists() {
         fs::rename(&pruned_dir, &gone).with_context(|| format!("renaming {}", pruned_dir.display()))?;
         fsync_dir(&vol_dir)?;
     }
     step("pruned session renamed");
     remove_file_durably(&vol_dir.join(ADDRS))?;
-    remove_file_durably(&vol_dir.join(JOURNAL))?;
+    remove_file_durably(&vol_dir.join(PRUNE_JOURNAL))?;
     step("prune journal removed");
     remove_leftovers(&vol_dir)
 }
@@ -302,27 +304,14 @@ pub fn abort(archive: &Archive, volume: &VolumeRef) -> Result<()> {
     remove_file_durably(&new_manifest_path(&into_dir))?;
     fsync_dir(&into_dir)?;
     remove_file_durably(&addrs_path)?;
-    remove_file_durably(&vol_dir.join(JOURNAL))?;
+    remove_file_durably(&vol_dir.join(PRUNE_JOURNAL))?;
     step("prune aborted");
     remove_leftovers(&vol_dir)
 }
 
 /// Removes pruned session folders whose removal a kill interrupted.
 fn remove_leftovers(vol_dir: &Path) -> Result<()> {
-    let entries = match fs::read_dir(vol_dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("listing {}", vol_dir.display())),
-    };
-    for entry in entries {
-        let entry = entry.with_context(|| format!("listing {}", vol_dir.display()))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name.starts_with("S_") && name.ends_with(GONE_SUFFIX) {
-            fs::remove_dir_all(entry.path()).with_context(|| format!("removing {}", entry.path().display()))?;
-        }
-    }
-    Ok(())
+    remove_session_leftovers(vol_dir, PRUNED_SUFFIX)
 }
 
 /// Reads the recorded addresses back; a torn last line (kill while
@@ -340,13 +329,7 @@ fn read_addrs(path: &Path) -> Result<impl Iterator<Item = Result<u64>>> {
 }
 
 fn new_manifest_path(into_dir: &Path) -> PathBuf {
-    into_dir.join(format!("{}.{NEW_SUFFIX}", MetaFile::Manifest.file_name()))
-}
-
-fn gone_path(session_dir: &Path) -> PathBuf {
-    let mut s = session_dir.as_os_str().to_owned();
-    s.push(GONE_SUFFIX);
-    PathBuf::from(s)
+    with_suffix(&into_dir.join(MANIFEST_FILE), NEW_SUFFIX)
 }
 
 fn file_name(dir: &Path) -> String {
@@ -356,7 +339,8 @@ fn file_name(dir: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tar::{TarWriter, TAR_FILE};
+    use crate::tar::TarWriter;
+    use sparsebak_proto::layout::TAR_FILE;
     use sparsebak_proto::Destination;
 
     const P: &str = "S_20260101-000000";

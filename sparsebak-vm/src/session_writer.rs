@@ -6,16 +6,17 @@
 //! the next `begin` of the same volume. A tar session's chunks go into one
 //! `chunks.tar` instead of chunk files (see `tar.rs`).
 
-use crate::archive::{chunk_path, Archive, TMP_SUFFIX};
-use crate::tar::{TarWriter, TAR_FILE};
+use crate::archive::{chunk_path, remove_session_leftovers, Archive};
+use crate::tar::TarWriter;
 use anyhow::{bail, Context, Result};
-use sparsebak_fsutil::fsync_dir;
+use sparsebak_fsutil::{fsync_dir, with_suffix};
+use sparsebak_proto::layout::{TAR_FILE, TMP_SUFFIX};
 use sparsebak_proto::{MetaFile, StoreFormat, VolumeRef};
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub struct SessionWriter {
     tmp_dir: PathBuf,
@@ -37,7 +38,8 @@ impl SessionWriter {
         if final_dir.exists() {
             bail!("session {session} of {volume} already exists in the archive");
         }
-        remove_stale_tmp(&vol_dir)?;
+        // A `-tmp` folder left by a receiver killed mid-send.
+        remove_session_leftovers(&vol_dir, TMP_SUFFIX)?;
         let tmp_dir = with_suffix(&final_dir, TMP_SUFFIX);
         fs::create_dir(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
         let tar = match format {
@@ -114,23 +116,4 @@ impl Drop for SessionWriter {
             let _ = fs::remove_dir_all(&self.tmp_dir);
         }
     }
-}
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
-/// Removes `S_...-tmp` folders left by a receiver that was killed mid-send.
-fn remove_stale_tmp(vol_dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(vol_dir).with_context(|| format!("listing {}", vol_dir.display()))? {
-        let entry = entry.with_context(|| format!("listing {}", vol_dir.display()))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name.starts_with("S_") && name.ends_with(TMP_SUFFIX) {
-            fs::remove_dir_all(entry.path()).with_context(|| format!("removing stale {}", entry.path().display()))?;
-        }
-    }
-    Ok(())
 }

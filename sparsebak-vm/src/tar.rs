@@ -10,15 +10,13 @@
 //! checked, and reading it builds an index (address -> offset, length) held
 //! in memory, 24 bytes per chunk, so ReadChunk costs one positioned read.
 
-use crate::archive::{chunk_rel_path, MAX_CHUNK_FILE};
+use crate::archive::MAX_CHUNK_FILE;
 use anyhow::{bail, Context, Result};
+use sparsebak_proto::layout::chunk_rel_path;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-
-/// The tar file's name inside a session folder.
-pub const TAR_FILE: &str = "chunks.tar";
 
 const BLOCK: usize = 512;
 
@@ -173,12 +171,14 @@ fn parse_header(h: &[u8; BLOCK]) -> Result<(u64, u64)> {
     }
     let name_len = h[..100].iter().position(|&b| b == 0).unwrap_or(100);
     let name = std::str::from_utf8(&h[..name_len]).context("member name is not UTF-8")?;
+    // A chunk's name ends in its 16-digit address; whatever else it holds
+    // must be exactly what `chunk_rel_path` makes of that address.
     let addr = name
-        .rsplit_once("/x")
-        .and_then(|(_, hex)| (hex.len() == 16).then_some(hex))
+        .get(name.len().saturating_sub(16)..)
         .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .filter(|&addr| chunk_rel_path(addr) == name)
         .with_context(|| format!("member {name:?} is not a chunk"))?;
-    if chunk_rel_path(addr) != name || h[345] != 0 {
+    if h[345] != 0 {
         bail!("member {name:?} is not a chunk");
     }
     let size = parse_octal(&h[124..136]).context("unreadable size")?;
@@ -191,6 +191,7 @@ fn parse_header(h: &[u8; BLOCK]) -> Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sparsebak_proto::layout::TAR_FILE;
 
     fn write_tar(path: &Path, chunks: &[(u64, Vec<u8>)]) {
         let mut w = TarWriter::create(path).expect("create");

@@ -235,3 +235,49 @@ fn altered_chunk_in_a_golden_copy_is_detected() {
         assert_ne!(std::fs::read(orig).expect("read fixture chunk"), data);
     }
 }
+
+/// The one `sparsebak: error:` line of a failed run's stderr.
+fn single_error_line(stderr: &str) -> &str {
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("sparsebak: error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+    errors[0]
+}
+
+/// Files from a newer sparsebak are refused, each with one line naming the
+/// file and both versions, and nothing is changed: the archive marker (the
+/// receiver writes version 1 into a golden archive, which predates it), a
+/// session's `info` and dom0's key file.
+#[test]
+fn newer_format_versions_are_refused_naming_file_and_versions() {
+    let env = golden_env(Kind::Encrypted, true);
+    let marker = env.mnt().join("backups/.sparsebak-format");
+    assert!(!marker.exists(), "the golden archive predates the marker");
+    env.ok(&["verify", "vol2.img"]);
+    assert_eq!(std::fs::read_to_string(&marker).expect("marker written"), "sparsebak archive format 1\n");
+
+    std::fs::write(&marker, "sparsebak archive format 99\n").expect("write marker");
+    let line = single_error_line(&env.fails(&["verify", "vol2.img"])).to_string();
+    assert!(line.contains(".sparsebak-format") && line.contains("format version 99"), "{line}");
+    assert!(line.contains("(version 1)"), "{line}");
+    assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "sparsebak archive format 99\n", "left as it was");
+    std::fs::write(&marker, "sparsebak archive format 1\n").expect("write marker");
+
+    let session = &expected(Kind::Encrypted).into_iter().find(|r| r.volume == "vol2.img").expect("vol2").session;
+    let info = env.path("meta/local%images/vol2.img").join(format!("S_{session}")).join("info");
+    let text = std::fs::read_to_string(&info).expect("read info");
+    std::fs::write(&info, format!("version=7\n{text}")).expect("write info");
+    let line = single_error_line(&env.fails(&["list", "vol2.img"])).to_string();
+    assert!(line.contains(&info.display().to_string()) && line.contains("format version 7"), "{line}");
+    assert!(line.contains("(version 1)"), "{line}");
+    std::fs::write(&info, text).expect("restore info");
+
+    let key = env.path("meta/local%images/.sparsebak-key");
+    let hex = std::fs::read_to_string(&key).expect("read key");
+    std::fs::write(&key, format!("version=5\nkey={}", hex.trim())).expect("write key");
+    let line = single_error_line(&env.fails(&["verify", "vol2.img"])).to_string();
+    assert!(line.contains(&key.display().to_string()) && line.contains("format version 5"), "{line}");
+    assert!(line.contains("(version 1)"), "{line}");
+    // The same key in today's form loads.
+    std::fs::write(&key, format!("version=1\nkey={}", hex.trim())).expect("write key");
+    env.ok(&["verify", "vol2.img"]);
+}

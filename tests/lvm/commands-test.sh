@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# commands-test.sh: run the LVM layer's tests (sparsebak-dom0 src/lvm/vm_tests.rs)
+# commands-test.sh: run the LVM layer's tests (sparsebak-dom0 src/source/lvm/vm_tests.rs)
 # against real lvm2, device-mapper and thin_delta inside a throwaway VM.
 #
 #   tests/lvm/commands-test.sh            # from anywhere in the repository

@@ -5,7 +5,7 @@
 # host key and client key in a temp dir, puts the built `sparsebak-vm` on
 # the PATH of ssh sessions (sshd `SetEnv PATH=...`, so nothing is installed
 # system-wide), and runs real backup cycles through `sparsebak`, which
-# spawns the real `ssh` with the argument vector of transport.rs. The
+# spawns the real `ssh` with the argument vector of sparsebak-dom0/src/remote/transport.rs. The
 # archive is a tmpfs mounted for the test.
 #
 # The client side reads the throwaway keys through a per-test `ssh` first on

@@ -281,3 +281,64 @@ fn newer_format_versions_are_refused_naming_file_and_versions() {
     std::fs::write(&key, format!("version=1\nkey={}", hex.trim())).expect("write key");
     env.ok(&["verify", "vol2.img"]);
 }
+
+/// A golden archive keeps working as a live one: a session pruned into a
+/// newer one (its info rewritten in today's form beside version-1 ones),
+/// then an incremental send on top; every remaining session restores as
+/// before and the new one as the changed image.
+fn takes_prune_and_new_sessions(kind: Kind) {
+    let mut want = expected(kind);
+    let env = golden_env(kind, true);
+    let disk: Vec<String> = want.iter().filter(|r| r.volume == "disk.img").map(|r| r.session.clone()).collect();
+    let pruned = disk[1].clone();
+    env.ok(&["prune", "disk.img", &format!("--session={pruned}")]);
+    want.retain(|r| !(r.volume == "disk.img" && r.session == pruned));
+    let listed = env.sessions();
+    assert!(!listed.contains(&pruned), "{pruned} pruned: {listed:?}");
+    check_restores(&env, &want);
+    check_verifies(&env, &want);
+
+    // Today's image: the newest session, changed in one chunk.
+    let save = format!("--save-to={}", env.image().display());
+    env.ok(&["receive", "disk.img", &save, "-u"]);
+    let mut data = std::fs::read(env.image()).expect("read image");
+    data[70_000..74_096].fill(0xab);
+    std::fs::write(env.image(), &data).expect("write image");
+    env.ok(&["send", "disk.img"]);
+    let newest = env.sessions().last().cloned().expect("a session");
+    assert!(!disk.contains(&newest), "a new session: {newest}");
+    want.push(Expected {
+        volume: "disk.img".into(),
+        session: newest,
+        size: data.len() as u64,
+        sha256: Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect(),
+    });
+    check_restores(&env, &want);
+    check_verifies(&env, &want);
+}
+
+#[test]
+fn encrypted_golden_archive_takes_prune_and_new_sessions() {
+    takes_prune_and_new_sessions(Kind::Encrypted);
+}
+
+#[test]
+fn plain_golden_archive_takes_prune_and_new_sessions() {
+    takes_prune_and_new_sessions(Kind::Plain);
+}
+
+/// Restoring from a backup disk mounted read-only (the usual way on the day
+/// of a restore): the archive predates the format marker, which cannot be
+/// written then; reads work anyway, with a warning, and the disk is untouched.
+#[test]
+fn golden_archive_restores_from_a_read_only_disk() {
+    let want = expected(Kind::Plain);
+    let env = golden_env(Kind::Plain, true);
+    let st = std::process::Command::new("mount").args(["-o", "remount,ro"]).arg(env.mnt()).status().expect("mount");
+    assert!(st.success(), "remount read-only");
+    let out = env.ok(&["verify", "vol2.img"]);
+    assert!(out.contains("taken as format version 1"), "{out}");
+    check_restores(&env, &want);
+    check_verifies(&env, &want);
+    assert!(!env.mnt().join("backups/.sparsebak-format").exists(), "nothing written");
+}

@@ -107,20 +107,52 @@ fn marker_text(version: u32) -> String {
 /// version 1, the version written. An archive of a newer format is refused
 /// before anything in it is touched, so an old receiver never writes into a
 /// layout it does not know. Only called once the mount point check passed.
+///
+/// A marker that cannot be written (a backup disk mounted read-only for a
+/// restore, a full disk) does not stop the session: the archive is version
+/// 1 either way, reads work, and writes fail on their own with their own
+/// error. The receiver says so on stderr, which reaches the user.
 fn ensure_format_marker(root: &Path) -> Result<()> {
     let path = root.join(layout::FORMAT_MARKER);
-    let mut text = Vec::new();
-    match std::fs::File::open(&path) {
-        Ok(f) => {
-            f.take(MAX_MARKER + 1).read_to_end(&mut text).with_context(|| format!("reading {}", path.display()))?
+    if let Some(text) = read_marker(&path)? {
+        return check_marker(&path, &text);
+    }
+    let written = sparsebak_fsutil::write_file_durably(&path, marker_text(ARCHIVE_FORMAT_VERSION).as_bytes());
+    match (written, read_marker(&path)) {
+        (Ok(()), _) => Ok(()),
+        // Another receiver wrote it first (two pools sent to one archive).
+        (Err(_), Ok(Some(text))) => check_marker(&path, &text),
+        (Err(e), _) => {
+            eprintln!("sparsebak-vm: warning: {e:#}; the archive is taken as format version {ARCHIVE_FORMAT_VERSION}");
+            Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return sparsebak_fsutil::write_file_durably(&path, marker_text(ARCHIVE_FORMAT_VERSION).as_bytes());
-        }
-        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    }
+}
+
+/// The marker's bytes, `None` when there is none. Never follows a link and
+/// never blocks (a FIFO planted there), and reads only a marker's worth.
+fn read_marker(path: &Path) -> Result<Option<Vec<u8>>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened =
+        std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK).open(path);
+    let f = match opened {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("opening archive format marker {}", path.display())),
     };
-    let version = parse_marker(&path, &text)?;
-    layout::check_format_version(&path, version, ARCHIVE_FORMAT_VERSION)
+    let is_file = f.metadata().with_context(|| format!("stat {}", path.display()))?.is_file();
+    if !is_file {
+        bail!("archive format marker {} is not a regular file", path.display());
+    }
+    let mut text = Vec::new();
+    f.take(MAX_MARKER + 1).read_to_end(&mut text).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(text))
+}
+
+/// Refuses a garbled marker or one of a newer format.
+fn check_marker(path: &Path, text: &[u8]) -> Result<()> {
+    let version = parse_marker(path, text)?;
+    layout::check_format_version(path, version, ARCHIVE_FORMAT_VERSION)
 }
 
 /// The version a marker holds. Strict: exactly what [`marker_text`] writes
@@ -251,6 +283,21 @@ mod tests {
         }
         std::fs::write(&marker, [0xff, 0xfe, b'\n']).expect("write");
         assert!(Archive::open(&dest_in(&tmp)).is_err(), "not UTF-8");
+    }
+
+    #[test]
+    fn a_fifo_or_link_as_marker_is_refused_without_blocking() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let marker = marker_of(&tmp);
+        std::fs::create_dir_all(marker.parent().expect("parent")).expect("mkdir");
+        nix::unistd::mkfifo(&marker, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        let err = format!("{:#}", Archive::open(&dest_in(&tmp)).err().expect("a FIFO is no marker"));
+        assert!(err.contains("not a regular file"), "{err}");
+        std::fs::remove_file(&marker).expect("rm fifo");
+        let real = tmp.path().join("elsewhere");
+        std::fs::write(&real, marker_text(1)).expect("write");
+        std::os::unix::fs::symlink(&real, &marker).expect("symlink");
+        assert!(Archive::open(&dest_in(&tmp)).is_err(), "a link is not followed");
     }
 
     #[test]

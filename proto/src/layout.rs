@@ -49,6 +49,16 @@ pub const FORMAT_MARKER: &str = ".sparsebak-format";
 /// marker existed is version 1.
 pub const ARCHIVE_FORMAT_VERSION: u32 = 1;
 
+/// A format version as a file spells it: decimal digits only, no sign, no
+/// leading zero, at least 1. Anything else is damage, never "version 1".
+pub fn parse_version(text: &str) -> Option<u32> {
+    let digits_only = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    if !digits_only || text.starts_with('0') {
+        return None;
+    }
+    text.parse().ok()
+}
+
 /// Refuses a file whose format `found` is newer than `supported`, naming the
 /// file and both versions. Older versions are for the caller to read.
 pub fn check_format_version(file: &std::path::Path, found: u32, supported: u32) -> anyhow::Result<()> {
@@ -87,6 +97,17 @@ pub fn addr_token(addr: u64) -> String {
     format!("x{addr:016x}")
 }
 
+/// The address in a token written by [`addr_token`]: `x` and exactly 16
+/// lowercase hex digits (no sign, nothing else).
+pub fn parse_addr_token(token: &str) -> Option<u64> {
+    let hex = token.strip_prefix('x')?;
+    let well_formed = hex.len() == 16 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if !well_formed {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +117,21 @@ mod tests {
         assert_eq!(chunk_rel_path(0x1_2345_6789_0000), "000123456/x0001234567890000");
         assert_eq!(chunk_rel_path(0), "000000000/x0000000000000000");
         assert_eq!(addr_token(0x20000), "x0000000000020000");
+        assert_eq!(parse_addr_token(&addr_token(0xdead_beef_0000)), Some(0xdead_beef_0000));
+        for bad in
+            ["0000000000020000", "x000000000002000", "x+000000000002000", "x000000000002000G", "x00000000000A0000"]
+        {
+            assert_eq!(parse_addr_token(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn versions_are_plain_decimal_from_one() {
+        assert_eq!(parse_version("1"), Some(1));
+        assert_eq!(parse_version("12"), Some(12));
+        for bad in ["", "0", "01", "+1", "-1", " 1", "1 ", "1x", "99999999999"] {
+            assert_eq!(parse_version(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

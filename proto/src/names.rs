@@ -38,7 +38,7 @@ pub fn validate_pool_dir(pool: &str) -> Result<()> {
 pub fn validate_session_name(name: &str) -> Result<()> {
     let b = name.as_bytes();
     let ok = b.len() == SESSION_NAME_LEN
-        && name.starts_with("S_")
+        && name.starts_with(crate::layout::SESSION_PREFIX)
         && b[10] == b'-'
         && b[2..10].iter().chain(&b[11..]).all(u8::is_ascii_digit);
     if !ok {

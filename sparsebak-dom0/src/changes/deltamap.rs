@@ -35,6 +35,7 @@ use sha2::{Digest, Sha256};
 
 /// Version of the delta map format (the last two bytes of the magic).
 pub const DELTAMAP_VERSION: u32 = 1;
+const _: () = assert!(DELTAMAP_VERSION >= 1 && DELTAMAP_VERSION < 100, "two decimal digits in the magic");
 const MAGIC_PREFIX: &[u8; 6] = b"SBDMAP";
 const HEADER_LEN: usize = 24;
 const SUM_LEN: usize = 32;
@@ -266,8 +267,13 @@ impl DeltaMap {
         if data.len() < HEADER_LEN + SUM_LEN {
             return Err(corrupt(format!("only {} bytes long", data.len())));
         }
-        let version = std::str::from_utf8(&data[6..8]).ok().and_then(|v| v.parse::<u32>().ok());
-        let Some(version) = version.filter(|_| &data[..6] == MAGIC_PREFIX) else {
+        // Two decimal digits, from "01" on.
+        let digits = &data[6..8];
+        let version = digits
+            .iter()
+            .all(u8::is_ascii_digit)
+            .then(|| u32::from(digits[0] - b'0') * 10 + u32::from(digits[1] - b'0'));
+        let Some(version) = version.filter(|&v| v >= 1 && &data[..6] == MAGIC_PREFIX) else {
             return Err(corrupt("wrong magic (not a sparsebak delta map)".into()));
         };
         let (body, sum) = data.split_at(data.len() - SUM_LEN);

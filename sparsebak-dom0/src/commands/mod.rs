@@ -74,7 +74,12 @@ impl Ctx<'_> {
 
     /// The pool whose key this command works with.
     pub fn key_scope(&self) -> KeyScope<'_> {
-        KeyScope { meta_dir: &self.config.meta_dir, pool_dir: &self.pool_dir, encryption: self.config.encryption }
+        KeyScope {
+            meta_dir: &self.config.meta_dir,
+            pool_dir: &self.pool_dir,
+            encryption: self.config.encryption,
+            archive: (&self.config.dest_mountpoint, &self.config.dest_dir),
+        }
     }
 
     /// The keys of an existing archive (none for an unencrypted one).

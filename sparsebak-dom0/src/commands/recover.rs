@@ -70,7 +70,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
 /// Unwraps the archive's key with the passphrase and keeps it in dom0; an
 /// archive without a key must be an unencrypted one.
 fn recover_key(ctx: &Ctx, rx: &mut Receiver) -> Result<Option<Keys>> {
-    match (archive_key::archive_wrapped_key(&ctx.pool_dir, rx)?, ctx.config.encryption) {
+    match (archive_key::archive_wrapped_key(ctx.key_scope(), rx)?, ctx.config.encryption) {
         (Some(wrapped), true) => {
             let pass = passphrase::existing(ctx.cli.passphrase_file.as_deref())?;
             let key = wrapped.unwrap_key(&pass, &ctx.pool_dir)?;
@@ -119,6 +119,11 @@ fn fetch_info(rx: &mut Receiver, m: MetaRef) -> Result<(SessionInfo, String)> {
     })?;
     let text = String::from_utf8(text).with_context(|| format!("info of session {} is not text", m.session))?;
     let info = SessionInfo::parse(&text).with_context(|| format!("info of session {}", m.session))?;
+    // dom0 keeps these bytes as they are: only the exact form sparsebak
+    // writes, so nothing extra rides along into dom0's metadata.
+    if !info.is_written_form(&text) {
+        bail!("info of session {} in the archive is not in the form sparsebak writes", m.session);
+    }
     Ok((info, text))
 }
 

@@ -1,7 +1,8 @@
 //! Where the data key is kept, and its passphrase-wrapped copy.
 //!
-//! - dom0: `META/VG%POOL/.sparsebak-key`, the raw key in hex, mode 0600,
-//!   written durably. Routine commands read it and never need a passphrase.
+//! - dom0: `META/VG%POOL/.sparsebak-key`, `version=1` and `key=` the raw key
+//!   in hex (version 1 files from before versions hold the bare hex key),
+//!   mode 0600, written durably. Routine commands read it and never need a passphrase.
 //! - archive: `DEST/VG%POOL/.sparsebak-key`, the key sealed under a key
 //!   derived from the passphrase with Argon2id, with the KDF parameters and
 //!   salt beside it (text `key=value` lines), so that a new dom0 can rebuild
@@ -54,7 +55,8 @@ pub fn load_dom0_key(path: &Path) -> Result<Option<DataKey>> {
     // Version 1 before versions existed: the bare hex key on one line.
     let hex_key = match kv.get("key") {
         Some(k) => {
-            layout::check_format_version(path, version_of(&kv)?, KEY_FILE_VERSION)?;
+            let version = version_of(&kv).with_context(|| format!("key file {}", path.display()))?;
+            layout::check_format_version(path, version, KEY_FILE_VERSION)?;
             *k
         }
         None => text.trim(),
@@ -154,7 +156,7 @@ fn key_values(text: &str) -> HashMap<&str, &str> {
 
 /// The `version=` of a key file; 1 when absent (written before versions).
 fn version_of(kv: &HashMap<&str, &str>) -> Result<u32> {
-    kv.get("version").map_or(Ok(1), |v| v.parse().with_context(|| format!("key file version {v:?}")))
+    kv.get("version").map_or(Ok(1), |v| layout::parse_version(v).ok_or_else(|| anyhow!("bad key file version {v:?}")))
 }
 
 fn derive(passphrase: &[u8], salt: &[u8], m_kib: u32, t: u32, p: u32) -> Result<XChaCha20Poly1305> {

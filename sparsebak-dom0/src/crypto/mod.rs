@@ -2,10 +2,10 @@
 //!
 //! - `primitives.rs`: data key, subkeys, sealing with associated data;
 //! - [`keyfile`]: the key on disk, raw in dom0 and wrapped in the archive;
+//! - [`passphrase`]: reading the passphrase from a file or the terminal.
 //!
 //! Which key a command uses, and storing a new one in the archive, is
 //! `crate::remote::archive_key` (it talks to the receiver).
-//! - [`passphrase`]: reading the passphrase from a file or the terminal.
 
 pub mod keyfile;
 pub mod passphrase;

@@ -85,10 +85,7 @@ impl ManifestEntry {
         else {
             bail!("bad manifest line {line:?}");
         };
-        let addr = addr
-            .strip_prefix('x')
-            .filter(|a| a.len() == 16)
-            .and_then(|a| u64::from_str_radix(a, 16).ok())
+        let addr = sparsebak_proto::layout::parse_addr_token(addr)
             .ok_or_else(|| anyhow!("bad chunk address in manifest line {line:?}"))?;
         let origin = origin.map(Origin::new).transpose().with_context(|| format!("manifest line {line:?}"))?;
         let state = match (plain, stored, origin) {

@@ -4,7 +4,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
 use sparsebak_proto::{layout, names};
 
-const NAME_FORMAT: &str = "S_%Y%m%d-%H%M%S";
+/// The date-time part of a session name, after `layout::SESSION_PREFIX`.
+const DATE_TIME_FORMAT: &str = "%Y%m%d-%H%M%S";
 
 /// A session name `S_YYYYMMDD-HHMMSS` (UTC). Ordering by name is ordering by time.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -13,13 +14,14 @@ pub struct SessionId(String);
 impl SessionId {
     pub fn parse(name: &str) -> Result<SessionId> {
         names::validate_session_name(name)?;
-        NaiveDateTime::parse_from_str(name, NAME_FORMAT).map_err(|e| anyhow!("invalid session name {name:?}: {e}"))?;
-        Ok(SessionId(name.to_string()))
+        let id = SessionId(name.to_string());
+        id.time().map_err(|e| anyhow!("invalid session name {name:?}: {e}"))?;
+        Ok(id)
     }
 
     /// Accepts `YYYYMMDD-HHMMSS` (as `list` prints it) or `S_YYYYMMDD-HHMMSS`.
     pub fn from_user(dt: &str) -> Result<SessionId> {
-        let name = if dt.starts_with("S_") { dt.to_string() } else { format!("S_{dt}") };
+        let name = if dt.starts_with(layout::SESSION_PREFIX) { dt.to_string() } else { layout::session_folder(dt) };
         Self::parse(&name).map_err(|_| anyhow!("invalid session {dt:?}: expected YYYYMMDD-HHMMSS"))
     }
 
@@ -28,13 +30,16 @@ impl SessionId {
     pub fn next(now: DateTime<Utc>, latest: Option<&SessionId>) -> Result<SessionId> {
         let mut t = now.naive_utc();
         if let Some(latest) = latest {
-            let last = NaiveDateTime::parse_from_str(&latest.0, NAME_FORMAT)
-                .map_err(|e| anyhow!("session {}: {e}", latest.0))?;
+            let last = latest.time().map_err(|e| anyhow!("session {}: {e}", latest.0))?;
             if t.and_utc().timestamp() <= last.and_utc().timestamp() {
                 t = last + TimeDelta::seconds(1);
             }
         }
-        Ok(SessionId(t.format(NAME_FORMAT).to_string()))
+        Ok(SessionId(layout::session_folder(&t.format(DATE_TIME_FORMAT).to_string())))
+    }
+
+    fn time(&self) -> chrono::ParseResult<NaiveDateTime> {
+        NaiveDateTime::parse_from_str(self.date_time(), DATE_TIME_FORMAT)
     }
 
     pub fn as_str(&self) -> &str {
@@ -43,7 +48,7 @@ impl SessionId {
 
     /// `YYYYMMDD-HHMMSS`, as shown to users.
     pub fn date_time(&self) -> &str {
-        &self.0[2..]
+        self.0.strip_prefix(layout::SESSION_PREFIX).unwrap_or(&self.0)
     }
 }
 
@@ -95,6 +100,13 @@ impl SessionInfo {
         )
     }
 
+    /// Whether `text` is exactly what sparsebak writes for this info: today's
+    /// form, or version 1's from before the version line.
+    pub fn is_written_form(&self, text: &str) -> bool {
+        let now = self.to_text();
+        text == now || now.strip_prefix(&format!("version={INFO_VERSION}\n")).is_some_and(|old| text == old)
+    }
+
     pub fn parse(text: &str) -> Result<SessionInfo> {
         let mut kv = std::collections::HashMap::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -104,7 +116,7 @@ impl SessionInfo {
         let get = |k: &str| kv.get(k).copied().ok_or_else(|| anyhow!("info lacks {k:?}"));
         let num = |k: &str| -> Result<u64> { get(k)?.parse().with_context(|| format!("info {k:?}")) };
         let version = match kv.get("version") {
-            Some(v) => v.parse().with_context(|| format!("info version {v:?}"))?,
+            Some(v) => layout::parse_version(v).ok_or_else(|| anyhow!("bad info version {v:?}"))?,
             None => 1,
         };
         layout::check_format_version(std::path::Path::new(layout::INFO_FILE), version, INFO_VERSION)?;
@@ -193,5 +205,10 @@ mod tests {
         assert_eq!(SessionInfo::parse(&old).expect("versionless parses"), info);
         let err = SessionInfo::parse(&text.replace("version=1", "version=3")).expect_err("newer refused").to_string();
         assert!(err.contains("info") && err.contains("format version 3") && err.contains("(version 1)"), "{err}");
+        assert!(info.is_written_form(&text) && info.is_written_form(&old));
+        assert!(!info.is_written_form(&format!("{text}zeros=0\n")), "a repeated key");
+        for bad in ["version=0", "version=+1", "version=01", "version=x"] {
+            assert!(SessionInfo::parse(&text.replace("version=1", bad)).is_err(), "{bad}");
+        }
     }
 }

@@ -22,11 +22,19 @@ pub struct KeyScope<'a> {
     pub pool_dir: &'a str,
     /// The config's `encryption` setting.
     pub encryption: bool,
+    /// The archive on the receiver (`destmountpoint`/`destdir`), to name its
+    /// key file in messages.
+    pub archive: (&'a str, &'a str),
 }
 
 impl KeyScope<'_> {
     fn key_path(&self) -> PathBuf {
         keyfile::dom0_key_path(self.meta_dir, self.pool_dir)
+    }
+
+    /// The archive's key file as the receiver holds it (for messages only).
+    fn archive_key_path(&self) -> PathBuf {
+        Path::new(self.archive.0).join(self.archive.1).join(self.pool_dir).join(sparsebak_proto::layout::KEY_FILE)
     }
 }
 
@@ -82,7 +90,7 @@ impl SendKeys {
             SendKeys::Ready(keys) => return Ok(keys),
             SendKeys::Create(pass) => pass,
         };
-        if archive_wrapped_key(scope.pool_dir, rx)?.is_some() {
+        if archive_wrapped_key(scope, rx)?.is_some() {
             bail!(
                 "the archive already holds a key for {} that dom0 lacks: run `sparsebak recover` to rebuild dom0's \
                  metadata from the archive",
@@ -99,13 +107,12 @@ impl SendKeys {
 }
 
 /// The archive's wrapped key of this pool, if it has one.
-pub fn archive_wrapped_key(pool_dir: &str, rx: &mut Receiver) -> Result<Option<WrappedKey>> {
-    match rx.get_key(pool_dir)? {
+pub fn archive_wrapped_key(scope: KeyScope, rx: &mut Receiver) -> Result<Option<WrappedKey>> {
+    match rx.get_key(scope.pool_dir)? {
         None => Ok(None),
         Some(data) if data.len() <= keyfile::MAX_WRAPPED_LEN => {
             let text = String::from_utf8(data).map_err(|_| anyhow::anyhow!("the archive's key file is not text"))?;
-            let origin = Path::new("archive").join(pool_dir).join(sparsebak_proto::layout::KEY_FILE);
-            Ok(Some(WrappedKey::parse(&text, &origin)?))
+            Ok(Some(WrappedKey::parse(&text, &scope.archive_key_path())?))
         }
         Some(_) => bail!("the archive's key file is too large"),
     }

@@ -153,6 +153,14 @@ fn format_version_one_loads_and_a_newer_map_is_refused() {
         msg.contains(&p.display().to_string()) && msg.contains("format version 2") && msg.contains("(version 1)"),
         "{msg}"
     );
+    // Version digits that are no version are damage, even with a valid checksum.
+    for digits in [b"00", b"+1", b" 1"] {
+        let mut body = bytes[..bytes.len() - 32].to_vec();
+        body[6..8].copy_from_slice(digits);
+        let sum = Sha256::digest(&body);
+        body.extend_from_slice(&sum);
+        assert!(DeltaMap::from_bytes(&body).is_err(), "{digits:?}");
+    }
     // A version digit flipped in a damaged map is damage, not a newer map.
     let mut flipped = bytes.clone();
     flipped[7] = b'7';

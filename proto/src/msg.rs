@@ -113,12 +113,14 @@ pub enum Request {
     /// One stored chunk of the open session, already compressed by dom0.
     PutChunk {
         addr: u64,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Appends a piece (at most [`META_PIECE`] bytes) to a metadata file of
     /// the open session.
     PutMeta {
         file: MetaFile,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Makes the open session durable and visible under its final name.
@@ -154,6 +156,7 @@ pub enum Request {
         volume: VolumeRef,
         pruned: String,
         into: String,
+        #[serde(with = "serde_bytes")]
         info: Vec<u8>,
     },
     /// dom0 did not commit: undo whatever the volume's unsettled prune did
@@ -182,6 +185,7 @@ pub enum Request {
     /// never replaced.
     PutKey {
         pool: String,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
 }
@@ -196,7 +200,7 @@ pub enum Response {
     Done,
     /// Committed session names, sorted.
     Sessions(Vec<String>),
-    Chunk(Vec<u8>),
+    Chunk(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The chunk or metadata file could not be read (missing, unreadable);
     /// the receiver goes on.
     ChunkError(String),
@@ -206,8 +210,8 @@ pub enum Response {
         bytes: u64,
     },
     /// A piece of a metadata file; empty at or past its end.
-    Meta(Vec<u8>),
-    Key(Option<Vec<u8>>),
+    Meta(#[serde(with = "serde_bytes")] Vec<u8>),
+    Key(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     /// Fatal: the receiver stops after sending this.
     Error(String),
 }

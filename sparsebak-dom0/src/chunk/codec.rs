@@ -79,8 +79,25 @@ pub enum Packed {
     Stored { plain: Hash, stored: Hash, data: Vec<u8> },
 }
 
+// One zstd context of each kind per worker thread, made on first use:
+// creating one per chunk costs more than decompressing a small chunk.
 thread_local! {
     static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Decompresses `data`, refusing output longer than `len` bytes.
+fn decompress(data: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(data, len),
+            None => Err(std::io::Error::other("zstd decompressor unavailable")),
+        }
+    })
 }
 
 fn compress(data: &[u8]) -> Result<Vec<u8>> {
@@ -187,7 +204,7 @@ pub fn unpack(
         return Err(ChunkFault::StoredHashMismatch);
     }
     let data = codec.open(origin, addr, data).map_err(ChunkFault::Unsealable)?;
-    let out = zstd::bulk::decompress(&data, len).map_err(|e| ChunkFault::Undecompressable(e.to_string()))?;
+    let out = decompress(&data, len).map_err(|e| ChunkFault::Undecompressable(e.to_string()))?;
     if out.len() != len {
         return Err(ChunkFault::WrongLength { got: out.len(), want: len });
     }

@@ -1,22 +1,51 @@
 //! An ordered parallel map: jobs are produced on one thread, worked on by
-//! several, and the results reach the sink in job order. Channels are
-//! bounded, so at most a few jobs per worker are in memory at once.
+//! several, and the results reach the sink in job order. At most
+//! [`Lanes::in_flight`] jobs exist at once, from the moment the producer
+//! makes one until the sink has taken its result, wherever they are
+//! (queued, on a worker, or waiting behind a slower one to be delivered in
+//! order): memory stays bounded in bytes whatever the machine load, because
+//! the bound is chosen from the chunk size ([`Lanes::for_chunks`]).
 //!
 //! Send uses it to hash and compress chunks on every core; receive and
 //! verify use it to check and decompress them.
 
 use anyhow::{anyhow, Result};
 use std::collections::BTreeMap;
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
-/// Jobs queued per worker: enough to keep workers busy while the producer
-/// blocks on I/O, small enough to bound memory (jobs hold chunk buffers).
-const QUEUE_PER_WORKER: usize = 4;
+/// Bytes of chunk data all jobs in flight may hold together.
+const IN_FLIGHT_BYTES: u64 = 24 << 20;
+/// Copies of a chunk one job holds at its peak: the data read, its
+/// compressed (and sealed) form, and the frame it is encoded into.
+const COPIES_PER_JOB: u64 = 3;
+/// Jobs in flight per worker at most (small chunks): enough to keep the
+/// workers busy while the producer waits on I/O.
+const MAX_JOBS_PER_WORKER: usize = 8;
 
-/// Number of worker threads: one per core.
-pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
+/// How many threads work and how many jobs may be in flight at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lanes {
+    pub workers: usize,
+    pub in_flight: usize,
+}
+
+impl Lanes {
+    /// One worker per core, and as many jobs in flight as
+    /// [`IN_FLIGHT_BYTES`] allows for chunks of `chunk_size` bytes (at least
+    /// one more than there are workers, so none of them idles).
+    pub fn for_chunks(chunk_size: u64) -> Lanes {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Lanes::new(workers, chunk_size)
+    }
+
+    fn new(workers: usize, chunk_size: u64) -> Lanes {
+        let workers = workers.max(1);
+        let by_bytes = IN_FLIGHT_BYTES / (COPIES_PER_JOB * chunk_size.max(1));
+        let in_flight =
+            usize::try_from(by_bytes).unwrap_or(usize::MAX).clamp(workers + 1, workers * MAX_JOBS_PER_WORKER);
+        Lanes { workers, in_flight }
+    }
 }
 
 /// Runs `work` over `jobs` on `workers` threads and feeds the results to
@@ -24,7 +53,7 @@ pub fn default_workers() -> usize {
 /// stops everything and is returned.
 pub fn ordered_map<J, R, W, S>(
     jobs: impl Iterator<Item = Result<J>> + Send,
-    workers: usize,
+    lanes: Lanes,
     work: W,
     mut sink: S,
 ) -> Result<()>
@@ -34,9 +63,16 @@ where
     W: Fn(J) -> Result<R> + Sync,
     S: FnMut(R) -> Result<()>,
 {
-    let workers = workers.max(1);
-    let (job_tx, job_rx) = sync_channel::<(u64, J)>(workers * QUEUE_PER_WORKER);
-    let (res_tx, res_rx) = sync_channel::<(u64, Result<R>)>(workers * QUEUE_PER_WORKER);
+    let workers = lanes.workers.max(1);
+    let in_flight = lanes.in_flight.max(1);
+    let (job_tx, job_rx) = sync_channel::<(u64, J)>(in_flight);
+    let (res_tx, res_rx) = sync_channel::<(u64, Result<R>)>(in_flight);
+    // One token per job in flight: the producer takes one before making a
+    // job, the sink gives it back once that job's result is delivered.
+    let (token_tx, token_rx) = sync_channel::<()>(in_flight);
+    for _ in 0..in_flight {
+        let _ = token_tx.try_send(());
+    }
     // Only the workers hold the job receiver: when they stop, the producer's
     // next send fails and it stops too.
     let shared_rx = Arc::new(Mutex::new(job_rx));
@@ -46,7 +82,12 @@ where
     std::thread::scope(|scope| {
         let producer_res = res_tx.clone();
         scope.spawn(move || {
-            for (seq, job) in (0u64..).zip(jobs) {
+            let mut jobs = jobs;
+            for seq in 0u64.. {
+                if token_rx.recv().is_err() {
+                    break; // the sink stopped
+                }
+                let Some(job) = jobs.next() else { break };
                 let sent = match job {
                     Ok(job) => job_tx.send((seq, job)).is_ok(),
                     Err(e) => {
@@ -74,13 +115,19 @@ where
             });
         }
         drop(res_tx);
-        deliver_in_order(res_rx, &mut sink)
+        // Delivery owns the token sender: when it stops, the producer's wait
+        // for a token ends too.
+        deliver_in_order(res_rx, token_tx, &mut sink)
     })
 }
 
 /// Reorders results by sequence number; the buffer holds at most the jobs
-/// in flight.
-fn deliver_in_order<R, S: FnMut(R) -> Result<()>>(results: Receiver<(u64, Result<R>)>, sink: &mut S) -> Result<()> {
+/// in flight. Each delivered result frees a token for the producer.
+fn deliver_in_order<R, S: FnMut(R) -> Result<()>>(
+    results: Receiver<(u64, Result<R>)>,
+    tokens: SyncSender<()>,
+    sink: &mut S,
+) -> Result<()> {
     let mut pending = BTreeMap::new();
     let mut next = 0u64;
     for (seq, res) in results.iter() {
@@ -88,6 +135,7 @@ fn deliver_in_order<R, S: FnMut(R) -> Result<()>>(results: Receiver<(u64, Result
         while let Some(res) = pending.remove(&next) {
             sink(res?)?;
             next += 1;
+            let _ = tokens.try_send(());
         }
     }
     match pending.into_iter().next() {
@@ -107,7 +155,7 @@ mod tests {
         let mut got = Vec::new();
         ordered_map(
             jobs,
-            4,
+            Lanes { workers: 4, in_flight: 16 },
             |j| {
                 if j % 7 == 0 {
                     std::thread::yield_now();
@@ -127,7 +175,8 @@ mod tests {
     fn first_error_stops_the_run() {
         let jobs = (0..10_000u64).map(|j| if j == 5000 { Err(anyhow!("job {j} failed")) } else { Ok(j) });
         let mut seen = 0u64;
-        let err = ordered_map(jobs, 2, Ok, |_| {
+        let lanes = Lanes { workers: 2, in_flight: 8 };
+        let err = ordered_map(jobs, lanes, Ok, |_| {
             seen += 1;
             Ok(())
         })
@@ -137,7 +186,7 @@ mod tests {
 
         let err = ordered_map(
             (0..10_000u64).map(Ok),
-            2,
+            lanes,
             |j| {
                 if j == 10 {
                     Err(anyhow!("work {j}"))
@@ -151,8 +200,54 @@ mod tests {
         assert!(err.to_string().contains("work 10"));
 
         let err =
-            ordered_map((0..10_000u64).map(Ok), 2, Ok, |r| if r == 3 { Err(anyhow!("sink {r}")) } else { Ok(()) })
+            ordered_map((0..10_000u64).map(Ok), lanes, Ok, |r| if r == 3 { Err(anyhow!("sink {r}")) } else { Ok(()) })
                 .expect_err("fails");
         assert!(err.to_string().contains("sink 3"));
+    }
+
+    /// A worker stuck on the first job (descheduled, slow I/O) must not let
+    /// the others run ahead without bound: never more than `in_flight` jobs
+    /// exist between their making and their delivery.
+    #[test]
+    fn a_stalled_job_bounds_the_jobs_in_flight() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let delivered = AtomicU64::new(0);
+        let most_ahead = AtomicU64::new(0);
+        let lanes = Lanes { workers: 3, in_flight: 6 };
+        let jobs = (0..200u64).map(|j| {
+            let ahead = j + 1 - delivered.load(Ordering::SeqCst);
+            most_ahead.fetch_max(ahead, Ordering::SeqCst);
+            Ok(j)
+        });
+        let work = |j: u64| {
+            if j == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Ok(j)
+        };
+        let mut got = Vec::new();
+        ordered_map(jobs, lanes, work, |r| {
+            got.push(r);
+            delivered.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .expect("runs");
+        assert_eq!(got, (0..200).collect::<Vec<_>>());
+        let ahead = most_ahead.load(Ordering::SeqCst);
+        assert!(ahead <= 6, "{ahead} jobs were in flight at once, more than 6");
+        assert!(ahead >= 4, "the other workers went on while job 0 stalled ({ahead})");
+    }
+
+    #[test]
+    fn lanes_bound_bytes_for_any_chunk_size() {
+        for chunk in [64u64 << 10, 128 << 10, 1 << 20, 4 << 20] {
+            let l = Lanes::new(2, chunk);
+            assert!(l.in_flight > l.workers, "{chunk}: {l:?}");
+            let bytes = l.in_flight as u64 * COPIES_PER_JOB * chunk;
+            // The floor of workers + 1 may exceed the budget only for chunks
+            // so large that three jobs do.
+            assert!(bytes <= IN_FLIGHT_BYTES.max(3 * COPIES_PER_JOB * chunk), "{chunk}: {bytes}");
+        }
+        assert_eq!(Lanes::new(2, 64 << 10).in_flight, 16, "small chunks: capped per worker");
     }
 }

@@ -276,7 +276,7 @@ fn restore_volume(
     let progress = Progress::bytes(&label, size);
     let codec = ChunkCodec { keys, volume: &volume };
     let check = |f| check(f, &codec, &sessions);
-    let result = pipeline::ordered_map(jobs, pipeline::default_workers(), check, |c: Checked| {
+    let result = pipeline::ordered_map(jobs, pipeline::Lanes::for_chunks(cs), check, |c: Checked| {
         let addr = c.entry.entry.addr;
         progress.set_position(addr);
         if let Some(s) = &sink {

@@ -31,7 +31,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         let volume = ctx.volume_ref(name);
         let codec = chunk::ChunkCodec { keys: keys.as_ref(), volume: &volume };
         let work = |job: chunk::ChunkJob| Ok((job.addr, chunk::differs(job, &codec)));
-        pipeline::ordered_map(jobs, pipeline::default_workers(), work, |(addr, differs)| {
+        pipeline::ordered_map(jobs, pipeline::Lanes::for_chunks(cs), work, |(addr, differs)| {
             if differs {
                 map.mark(addr / cs)?;
             }

@@ -115,7 +115,7 @@ fn send_volume(
     let progress = Progress::bytes(&format!("send {name}"), size);
     let codec = ChunkCodec { keys, volume: &volume };
     let pack = |job| chunk::pack(job, &codec, id.as_str());
-    pipeline::ordered_map(jobs, pipeline::default_workers(), pack, |(addr, packed)| {
+    pipeline::ordered_map(jobs, pipeline::Lanes::for_chunks(chunk_size), pack, |(addr, packed)| {
         progress.set_position(addr);
         let state = match packed {
             Packed::Unchanged => return Ok(()),

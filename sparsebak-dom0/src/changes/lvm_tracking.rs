@@ -26,6 +26,19 @@ pub struct TrackedVolume<'a> {
     map_path: PathBuf,
 }
 
+/// What the archive holds of a volume as a send starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveState {
+    /// No session of the volume anywhere: its first send, which reads only
+    /// the blocks the thin pool has mapped.
+    New,
+    /// Sessions that the new one cannot build on (the archive lacks some):
+    /// the whole volume is compared.
+    Unusable,
+    /// Sessions to build on; the last one covered `tail_start` bytes.
+    Archived { tail_start: u64 },
+}
+
 /// What `monitor` did for a volume.
 pub enum MonitorOutcome {
     /// Changes folded into the map: (chunks marked now in total).
@@ -138,14 +151,24 @@ impl<'a> TrackedVolume<'a> {
     }
 
     /// Starts a send: makes tock and decides which chunks to look at.
-    /// `archived` is false for a volume new to the archive (or one whose
-    /// sessions cannot be built on); `tail_start` is the last session's size.
-    pub fn begin_send(&self, chunk_size: u64, archived: bool, tail_start: u64) -> Result<TrackedSend<'_>> {
+    pub fn begin_send(&self, chunk_size: u64, archive: ArchiveState) -> Result<TrackedSend<'_>> {
         let has_tick = self.recover()?;
-        let candidates = if !archived {
+        let candidates = if let ArchiveState::New = archive {
+            self.pool.create_snapshot(&self.name, &self.tock())?;
+            match self.mapped_chunks(chunk_size) {
+                Ok(map) => Candidates::Marked { map, tail_start: u64::MAX },
+                Err(e) => {
+                    log::warn!("{}: mapping of {} unknown ({e:#}); reading the whole volume", self.name, self.tock());
+                    Candidates::AllData
+                }
+            }
+        } else if let ArchiveState::Unusable = archive {
             self.pool.create_snapshot(&self.name, &self.tock())?;
             Candidates::AllData
         } else {
+            let ArchiveState::Archived { tail_start } = archive else {
+                anyhow::bail!("internal error: archive state");
+            };
             let map = if has_tick { self.load_map(chunk_size)? } else { Err(format!("{} is missing", self.tick())) };
             match map {
                 Ok(mut map) => {
@@ -160,6 +183,23 @@ impl<'a> TrackedVolume<'a> {
             }
         };
         Ok(TrackedSend { volume: self, candidates: Some(candidates), done: false })
+    }
+
+    /// The chunks of tock that hold mapped blocks: all that a first send has
+    /// to read (the rest of a thin volume reads as zeros). A first send has
+    /// no older session whose data could hide under an unmapped block.
+    fn mapped_chunks(&self, chunk_size: u64) -> Result<DeltaMap> {
+        let size = self.pool.lv(&self.tock())?.with_context(|| format!("{} vanished", self.tock()))?.size;
+        let mut map = DeltaMap::for_volume(chunk_size, size)?;
+        let mapped = self.pool.mapped_ranges(&self.tock(), |start, len| map.mark_bytes(start, len))?;
+        log::info!(
+            "{}: first send: {} of {} bytes are mapped in the thin pool; reading {} chunks",
+            self.name,
+            mapped,
+            size,
+            map.count_marked()
+        );
+        Ok(map)
     }
 
     /// The map `resync` marks into: the current one, or a fresh one when it

@@ -14,5 +14,5 @@ mod lvm_tracking;
 mod scan;
 
 pub use deltamap::{DeltaMap, LoadError};
-pub use lvm_tracking::{MonitorOutcome, TrackedVolume};
+pub use lvm_tracking::{ArchiveState, MonitorOutcome, TrackedVolume};
 pub use scan::{Candidates, ScanJobs};

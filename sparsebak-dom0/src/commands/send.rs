@@ -14,7 +14,7 @@
 //! session.
 
 use super::Ctx;
-use crate::changes::{Candidates, ScanJobs, TrackedVolume};
+use crate::changes::{ArchiveState, Candidates, ScanJobs, TrackedVolume};
 use crate::chunk::{self, pipeline, ChunkCodec, Packed};
 use crate::config::SourceKind;
 use crate::crypto::Keys;
@@ -89,9 +89,12 @@ fn send_volume(
     let (mut source, candidates) = match (&ctx.config.source, pool) {
         (SourceKind::Lvm { .. }, Some(pool)) => {
             tracked_volume = TrackedVolume::new(pool, name, vm.deltamap_path());
-            let archived = prev_info.is_some() && !full;
-            let tail_start = prev_info.as_ref().map_or(0, |i| i.volume_size);
-            let mut t = tracked_volume.begin_send(chunk_size, archived, tail_start)?;
+            let archive = match &prev_info {
+                None if sessions.is_empty() => ArchiveState::New,
+                Some(i) if !full => ArchiveState::Archived { tail_start: i.volume_size },
+                _ => ArchiveState::Unusable,
+            };
+            let mut t = tracked_volume.begin_send(chunk_size, archive)?;
             let candidates = t.take_candidates()?;
             let source = ImageVolume::open(&t.device()?)?;
             tracked = Some(t);

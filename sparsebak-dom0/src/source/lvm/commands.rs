@@ -26,6 +26,7 @@ use std::process::{Command, Stdio};
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::thin_delta::{parse_thin_delta, ChangedRange, DeltaSummary};
+use super::thin_dump::parse_thin_dump;
 
 /// How much of a command's stderr is kept for error messages.
 const STDERR_KEEP: usize = 16 * 1024;
@@ -397,11 +398,64 @@ impl ThinPool {
         Ok(MetadataSnap { pool: self, dm_name: name, released: false })
     }
 
-    /// Runs `thin_delta --metadata-snap` between two thin device ids on the
-    /// reserved metadata snapshot, streaming its output into the parser.
-    /// The `--metadata-snap` flag without a value works with 0.9 (optional
-    /// block number, taken from the superblock when absent) and 1.x (a
-    /// plain flag).
+    /// Runs a thin-provisioning tool (`thin_delta`, `thin_dump`) with
+    /// `--metadata-snap` on the reserved metadata snapshot and streams its
+    /// stdout into `parse`. The `--metadata-snap` flag without a value works
+    /// with 0.9 (optional block number, taken from the superblock when
+    /// absent) and 1.x (a plain flag). Its stderr is kept (bounded) for the
+    /// error message; a parse error kills it.
+    fn run_on_metadata_snap<T>(
+        &self,
+        snap: &MetadataSnap<'_>,
+        tool: &str,
+        args: &[&str],
+        what: &str,
+        parse: impl FnOnce(BufReader<std::process::ChildStdout>) -> Result<T>,
+    ) -> Result<T> {
+        if snap.pool != self {
+            bail!("metadata snapshot of {}/{} used for {}/{}", snap.pool.vg, snap.pool.pool, self.vg, self.pool);
+        }
+        let meta = self.tmeta_path();
+        let what = format!("{what} in {}/{} ({})", self.vg, self.pool, meta.display());
+        let mut child = command(tool)
+            .arg("--metadata-snap")
+            .args(args)
+            .arg(&meta)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run {tool} (is thin-provisioning-tools installed?) for {what}"))?;
+        let stderr = child.stderr.take();
+        let err_reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut e) = stderr {
+                let _ = (&mut e).take(STDERR_KEEP as u64).read_to_end(&mut buf);
+                // Drain the rest so the tool never blocks on a full pipe.
+                let _ = std::io::copy(&mut e, &mut std::io::sink());
+            }
+            buf
+        });
+        let parsed = match child.stdout.take() {
+            Some(out) => parse(BufReader::with_capacity(64 * 1024, out)),
+            None => Err(anyhow!("no stdout pipe")),
+        };
+        if parsed.is_err() {
+            let _ = child.kill();
+        }
+        let status = child.wait().with_context(|| what.clone())?;
+        let err = err_reader.join().unwrap_or_default();
+        match parsed {
+            Ok(v) if status.success() => Ok(v),
+            Ok(_) => bail!("{what}: exited with {status}: {}", tail(&err)),
+            Err(e) if !status.success() && !err.is_empty() => {
+                Err(e.context(format!("{what}: exited with {status}: {}", tail(&err))))
+            }
+            Err(e) => Err(e.context(what)),
+        }
+    }
+
+    /// Runs `thin_delta` between two thin device ids on the reserved
+    /// metadata snapshot, streaming its output into the parser.
     pub fn thin_delta(
         &self,
         snap: &MetadataSnap<'_>,
@@ -409,53 +463,49 @@ impl ThinPool {
         right_id: u64,
         on_change: impl FnMut(ChangedRange) -> Result<()>,
     ) -> Result<DeltaSummary> {
-        if snap.pool != self {
-            bail!("metadata snapshot of {}/{} used for {}/{}", snap.pool.vg, snap.pool.pool, self.vg, self.pool);
-        }
-        let meta = self.tmeta_path();
         let (l, r) = (left_id.to_string(), right_id.to_string());
-        let what = || format!("thin_delta of thin ids {l} and {r} in {}/{} ({})", self.vg, self.pool, meta.display());
-        let mut child = command("thin_delta")
-            .args(["--metadata-snap", "--snap1", &l, "--snap2", &r])
-            .arg(&meta)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot run thin_delta (is thin-provisioning-tools installed?) for {}", what()))?;
-        let stderr = child.stderr.take();
-        let err_reader = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut e) = stderr {
-                let _ = (&mut e).take(STDERR_KEEP as u64).read_to_end(&mut buf);
-                // Drain the rest so thin_delta never blocks on a full pipe.
-                let _ = std::io::copy(&mut e, &mut std::io::sink());
+        let what = format!("thin_delta of thin ids {l} and {r}");
+        let args = ["--snap1", l.as_str(), "--snap2", r.as_str()];
+        let sum =
+            self.run_on_metadata_snap(snap, "thin_delta", &args, &what, |out| parse_thin_delta(out, on_change))?;
+        for (want, got, side) in [(left_id, sum.left, "left"), (right_id, sum.right, "right")] {
+            if got.is_some_and(|g| g != want) {
+                bail!("{what}: output is for {side} device {got:?}, not {want}");
             }
-            buf
-        });
-        let parsed = match child.stdout.take() {
-            Some(out) => parse_thin_delta(BufReader::with_capacity(64 * 1024, out), on_change),
-            None => Err(anyhow!("no stdout pipe")),
+        }
+        Ok(sum)
+    }
+
+    /// Reports every mapped range of thin volume `lv` (e.g. `VOL.tock`) in
+    /// bytes, clipped to its size, from `thin_dump` of a reserved metadata
+    /// snapshot (released afterwards, also on errors). Unmapped ranges read
+    /// as zeros. Returns the bytes reported.
+    pub fn mapped_ranges(&self, lv: &str, mut on_mapped: impl FnMut(u64, u64) -> Result<()>) -> Result<u64> {
+        let lvs = self.list_lvs()?;
+        self.check_in(&lvs)?;
+        let info = self.thin_in(&lvs, lv)?.clone();
+        let Some(id) = info.thin_id else {
+            bail!("no thin id for {lv}"); // checked by thin_in
         };
-        if parsed.is_err() {
-            let _ = child.kill();
-        }
-        let status = child.wait().with_context(what)?;
-        let err = err_reader.join().unwrap_or_default();
-        match parsed {
-            Ok(sum) if status.success() => {
-                for (want, got, side) in [(left_id, sum.left, "left"), (right_id, sum.right, "right")] {
-                    if got.is_some_and(|g| g != want) {
-                        bail!("{}: output is for {side} device {got:?}, not {want}", what());
-                    }
-                }
-                Ok(sum)
+        let snap = self.reserve_metadata_snap()?;
+        let mut total = 0u64;
+        let clipped = |start: u64, len: u64| {
+            if start >= info.size {
+                return Ok(());
             }
-            Ok(_) => bail!("{}: exited with {status}: {}", what(), tail(&err)),
-            Err(e) if !status.success() && !err.is_empty() => {
-                Err(e.context(format!("{}: exited with {status}: {}", what(), tail(&err))))
-            }
-            Err(e) => Err(e.context(what())),
-        }
+            let len = len.min(info.size - start);
+            total += len;
+            on_mapped(start, len)
+        };
+        let id_arg = id.to_string();
+        let what = format!("thin_dump of {}/{lv} (thin id {id})", self.vg);
+        let parsed = self.run_on_metadata_snap(&snap, "thin_dump", &["--dev-id", &id_arg], &what, |out| {
+            parse_thin_dump(out, id, clipped)
+        });
+        let released = snap.release();
+        parsed?;
+        released?;
+        Ok(total)
     }
 
     /// Reports every change between thin volumes `left` (e.g. `VOL.tick`)

@@ -39,7 +39,7 @@ use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
 /// Size of the sector unit that `data_block_size` is expressed in.
-const SECTOR: u64 = 512;
+pub(super) const SECTOR: u64 = 512;
 
 /// Why a range counts as changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +125,7 @@ fn attr_u64(e: &BytesStart<'_>, name: &str) -> Result<Option<u64>> {
     Ok(None)
 }
 
-fn need_u64(e: &BytesStart<'_>, name: &str) -> Result<u64> {
+pub(super) fn need_u64(e: &BytesStart<'_>, name: &str) -> Result<u64> {
     attr_u64(e, name)?
         .ok_or_else(|| anyhow!("<{}> lacks the {name} attribute", String::from_utf8_lossy(e.name().as_ref())))
 }

@@ -135,6 +135,20 @@ fn thin_pool_in_vm() {
     );
     assert_eq!(chunks, vec![7, 64, 65, 160, 240, 241, 242, 511]);
 
+    // The mapping of tock (what a first send reads): the discarded blocks
+    // are gone, every written one is there.
+    let mut mapped = Vec::new();
+    let total = p
+        .mapped_ranges(tock, |start, len| {
+            assert_eq!((start % (64 * KIB), len % (64 * KIB)), (0, 0));
+            mapped.extend(start / (64 * KIB)..(start + len) / (64 * KIB));
+            Ok(())
+        })
+        .expect("mapped ranges");
+    assert_eq!(mapped, (0..16).chain([321]).chain(481..486).chain([1023]).collect::<Vec<u64>>());
+    assert_eq!(total, mapped.len() as u64 * 64 * KIB);
+    assert_eq!(p.held_metadata_root().expect("status"), None, "metadata snapshot released");
+
     // Rotation: tock becomes tick.
     let tock_id = tock_info.thin_id;
     p.replace_lv(tock, tick).expect("rotate");

@@ -2,9 +2,10 @@
 //! `thin_delta` output for metadata that `thin_restore` builds from XML.
 
 use super::*;
+use crate::source::lvm::test_tools::{metadata_xml, restore_metadata, tool, Mapping};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 fn parse_all(xml: &str) -> Result<(DeltaSummary, Vec<ChangedRange>)> {
@@ -205,55 +206,9 @@ fn streams_in_small_pieces() {
 
 // ---- real thin_delta -------------------------------------------------------
 
-/// Finds a thin-provisioning-tools binary (root's PATH has /usr/sbin, a
-/// developer's may not).
-fn tool(name: &str) -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/sbin"]) {
-        let p = Path::new(dir).join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("{name} not found: install thin-provisioning-tools to run these tests");
-}
-
-/// A thin device: thin block -> data block.
-type Mapping = BTreeMap<u64, u64>;
-
-/// Writes thin_restore's input XML for the given devices (ids 1, 2, ...).
-fn metadata_xml(block_sectors: u64, nr_data_blocks: u64, devs: &[&Mapping]) -> String {
-    let mut x = format!(
-        "<superblock uuid=\"\" time=\"1\" transaction=\"{}\" data_block_size=\"{block_sectors}\" nr_data_blocks=\"{nr_data_blocks}\">\n",
-        devs.len()
-    );
-    for (i, m) in devs.iter().enumerate() {
-        let _ = writeln!(
-            x,
-            "  <device dev_id=\"{}\" mapped_blocks=\"{}\" transaction=\"{i}\" creation_time=\"0\" snap_time=\"1\">",
-            i + 1,
-            m.len()
-        );
-        for (t, d) in m.iter() {
-            let _ = writeln!(x, "    <single_mapping origin_block=\"{t}\" data_block=\"{d}\" time=\"0\"/>");
-        }
-        x.push_str("  </device>\n");
-    }
-    x.push_str("</superblock>\n");
-    x
-}
-
 /// Builds metadata with thin_restore and returns thin_delta's stdout.
 fn real_delta(dir: &Path, xml: &str, left: u32, right: u32) -> String {
-    let x = dir.join("meta.xml");
-    let meta = dir.join("meta.bin");
-    std::fs::write(&x, xml).expect("write xml");
-    // thin_restore wants an existing output file large enough for the metadata.
-    let f = std::fs::File::create(&meta).expect("create meta");
-    f.set_len(8 << 20).expect("size meta");
-    drop(f);
-    let out =
-        Command::new(tool("thin_restore")).arg("-i").arg(&x).arg("-o").arg(&meta).output().expect("run thin_restore");
-    assert!(out.status.success(), "thin_restore: {}", String::from_utf8_lossy(&out.stderr));
+    let meta = restore_metadata(dir, xml);
     let out = Command::new(tool("thin_delta"))
         .args(["--snap1", &left.to_string(), "--snap2", &right.to_string()])
         .arg(&meta)

@@ -10,6 +10,7 @@ mod prune;
 mod serve;
 mod session_writer;
 mod tar;
+mod writer_thread;
 
 use clap::Parser;
 use cli::{Cli, Command};

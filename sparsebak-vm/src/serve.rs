@@ -7,6 +7,7 @@ use crate::archive::Archive;
 use crate::chunk_source::ChunkSource;
 use crate::prune::{self, Prune};
 use crate::session_writer::SessionWriter;
+use crate::writer_thread::QueuedSession;
 use anyhow::{anyhow, bail, Context, Result};
 use sparsebak_proto::msg::{MAX_KEY_FILE, META_PIECE};
 use sparsebak_proto::{read_msg, write_msg, Request, Response, PROTOCOL_VERSION};
@@ -58,7 +59,7 @@ fn fail<W: Write>(output: &mut W, error: anyhow::Error) -> Result<(), ServeError
 
 struct Server {
     archive: Option<Archive>,
-    writer: Option<SessionWriter>,
+    writer: Option<QueuedSession>,
     /// A prune between `PruneBegin` and `PruneLinked`.
     prune: Option<Prune>,
     chunks: ChunkSource,
@@ -69,7 +70,7 @@ impl Server {
         self.archive.as_ref().context("protocol error: request before Hello")
     }
 
-    fn writer(&mut self) -> Result<&mut SessionWriter> {
+    fn writer(&mut self) -> Result<&mut QueuedSession> {
         self.writer.as_mut().context("protocol error: no open session")
     }
 
@@ -90,11 +91,12 @@ impl Server {
                 if self.writer.is_some() || self.prune.is_some() {
                     bail!("protocol error: a session or prune is already open");
                 }
-                self.writer = Some(SessionWriter::begin(self.archive()?, &volume, &session, format)?);
+                let writer = SessionWriter::begin(self.archive()?, &volume, &session, format)?;
+                self.writer = Some(QueuedSession::start(writer)?);
                 Some(Response::Done)
             }
             Request::PutChunk { addr, data } => {
-                self.writer()?.put_chunk(addr, &data)?;
+                self.writer()?.put_chunk(addr, data)?;
                 None
             }
             Request::PutMeta { file, data } => {
@@ -103,12 +105,12 @@ impl Server {
                 }
                 match &mut self.prune {
                     Some(p) => p.put_meta(file, &data)?,
-                    None => self.writer()?.put_meta(file, &data)?,
+                    None => self.writer()?.put_meta(file, data)?,
                 }
                 None
             }
             Request::Commit => {
-                self.writer.take().context("protocol error: commit without a session")?.commit()?;
+                self.writer.take().context("protocol error: commit without a session")?.finish()?.commit()?;
                 Some(Response::Done)
             }
             Request::ReadChunk { volume, session, addr } => {

@@ -149,7 +149,10 @@ bash -c '"$0" --config "$1" --passphrase-file "$2" send vol-b 2> "$3"; cat /proc
 cat "$work/send8.err"
 read_bytes=$(sed -n 's/^read_bytes: //p' "$work/io8")
 echo "first send of vol-b read $read_bytes bytes"
-check "first send reads at most 64 MiB + 8 MiB of metadata ($read_bytes bytes)" test "$read_bytes" -le $(( 72 * 1024 * 1024 ))
+# LVM reads its metadata area with O_DIRECT on every command (no cache):
+# about 1 MiB for each of the lvm commands a send runs; measured 7.6 MiB.
+check "first send reads at most 64 MiB + 16 MiB of LVM and pool metadata ($read_bytes bytes)" \
+  test "$read_bytes" -le $(( 80 * 1024 * 1024 ))
 check "first send says how much is mapped" grep -q "first send: 67108864 of 4294967296 bytes are mapped" "$work/send8.err"
 sb receive vol-b -u --save-to "$work/out/b.img"
 check "vol-b restores bit-identical (unmapped space reads as zeros)" cmp "$devb" "$work/out/b.img"

@@ -59,6 +59,16 @@ pub fn parse_version(text: &str) -> Option<u32> {
     text.parse().ok()
 }
 
+/// The version a file declares in its `version=` field: 1 when the field is
+/// absent (files written before versions existed), an error when it holds
+/// anything but a version.
+pub fn declared_version(field: Option<&str>) -> anyhow::Result<u32> {
+    match field {
+        None => Ok(1),
+        Some(v) => parse_version(v).ok_or_else(|| anyhow::anyhow!("bad format version {v:?}")),
+    }
+}
+
 /// Refuses a file whose format `found` is newer than `supported`, naming the
 /// file and both versions. Older versions are for the caller to read.
 pub fn check_format_version(file: &std::path::Path, found: u32, supported: u32) -> anyhow::Result<()> {
@@ -131,7 +141,10 @@ mod tests {
         assert_eq!(parse_version("12"), Some(12));
         for bad in ["", "0", "01", "+1", "-1", " 1", "1 ", "1x", "99999999999"] {
             assert_eq!(parse_version(bad), None, "{bad:?}");
+            assert!(declared_version(Some(bad)).is_err(), "{bad:?}");
         }
+        assert_eq!(declared_version(None).expect("absent"), 1);
+        assert_eq!(declared_version(Some("3")).expect("three"), 3);
     }
 
     #[test]

@@ -156,14 +156,13 @@ fn check_marker(path: &Path, text: &[u8]) -> Result<()> {
 }
 
 /// The version a marker holds. Strict: exactly what [`marker_text`] writes
-/// for some version from 1 on, so a damaged marker is never taken for an
-/// old one.
+/// for some version (`layout::parse_version`: no sign, no leading zero, from
+/// 1 on), so a damaged marker is never taken for an old one.
 fn parse_marker(path: &Path, text: &[u8]) -> Result<u32> {
     std::str::from_utf8(text)
         .ok()
-        .and_then(|t| Some((t, t.strip_prefix(MARKER_PREFIX)?.strip_suffix('\n')?.parse::<u32>().ok()?)))
-        .filter(|&(t, version)| version >= 1 && t == marker_text(version))
-        .map(|(_, version)| version)
+        .and_then(|t| t.strip_prefix(MARKER_PREFIX)?.strip_suffix('\n'))
+        .and_then(layout::parse_version)
         .ok_or_else(|| {
             anyhow!(
                 "{}: garbled archive format marker {:?}; expected {:?}",

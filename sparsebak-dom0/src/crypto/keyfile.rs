@@ -55,7 +55,8 @@ pub fn load_dom0_key(path: &Path) -> Result<Option<DataKey>> {
     // Version 1 before versions existed: the bare hex key on one line.
     let hex_key = match kv.get("key") {
         Some(k) => {
-            let version = version_of(&kv).with_context(|| format!("key file {}", path.display()))?;
+            let version = layout::declared_version(kv.get("version").copied())
+                .with_context(|| format!("key file {}", path.display()))?;
             layout::check_format_version(path, version, KEY_FILE_VERSION)?;
             *k
         }
@@ -127,7 +128,9 @@ impl WrappedKey {
     /// Parses the archive's key file; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<WrappedKey> {
         let kv = key_values(text);
-        layout::check_format_version(origin, version_of(&kv)?, KEY_FILE_VERSION)?;
+        let version = layout::declared_version(kv.get("version").copied())
+            .with_context(|| format!("key file {}", origin.display()))?;
+        layout::check_format_version(origin, version, KEY_FILE_VERSION)?;
         let get = |k: &str| kv.get(k).copied().ok_or_else(|| anyhow!("key file lacks {k:?}"));
         let num = |k: &str, max: u32| -> Result<u32> {
             let v: u32 = get(k)?.parse().with_context(|| format!("key file {k:?}"))?;
@@ -152,11 +155,6 @@ impl WrappedKey {
 
 fn key_values(text: &str) -> HashMap<&str, &str> {
     text.lines().filter_map(|l| l.split_once('=')).collect()
-}
-
-/// The `version=` of a key file; 1 when absent (written before versions).
-fn version_of(kv: &HashMap<&str, &str>) -> Result<u32> {
-    kv.get("version").map_or(Ok(1), |v| layout::parse_version(v).ok_or_else(|| anyhow!("bad key file version {v:?}")))
 }
 
 fn derive(passphrase: &[u8], salt: &[u8], m_kib: u32, t: u32, p: u32) -> Result<XChaCha20Poly1305> {

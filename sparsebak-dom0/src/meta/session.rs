@@ -115,10 +115,7 @@ impl SessionInfo {
         }
         let get = |k: &str| kv.get(k).copied().ok_or_else(|| anyhow!("info lacks {k:?}"));
         let num = |k: &str| -> Result<u64> { get(k)?.parse().with_context(|| format!("info {k:?}")) };
-        let version = match kv.get("version") {
-            Some(v) => layout::parse_version(v).ok_or_else(|| anyhow!("bad info version {v:?}"))?,
-            None => 1,
-        };
+        let version = layout::declared_version(kv.get("version").copied()).context("info")?;
         layout::check_format_version(std::path::Path::new(layout::INFO_FILE), version, INFO_VERSION)?;
         let format = match get("format")? {
             "folders" => SessionFormat::Folders,

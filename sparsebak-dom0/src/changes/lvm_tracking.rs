@@ -153,32 +153,38 @@ impl<'a> TrackedVolume<'a> {
     /// Starts a send: makes tock and decides which chunks to look at.
     pub fn begin_send(&self, chunk_size: u64, archive: ArchiveState) -> Result<TrackedSend<'_>> {
         let has_tick = self.recover()?;
-        let candidates = if let ArchiveState::New = archive {
-            self.pool.create_snapshot(&self.name, &self.tock())?;
-            match self.mapped_chunks(chunk_size) {
-                Ok(map) => Candidates::Marked { map, tail_start: u64::MAX },
-                Err(e) => {
-                    log::warn!("{}: mapping of {} unknown ({e:#}); reading the whole volume", self.name, self.tock());
-                    Candidates::AllData
+        let candidates = match archive {
+            ArchiveState::New => {
+                self.pool.create_snapshot(&self.name, &self.tock())?;
+                match self.mapped_chunks(chunk_size) {
+                    Ok(map) => Candidates::Marked { map, tail_start: u64::MAX },
+                    Err(e) => {
+                        log::warn!(
+                            "{}: mapping of {} unknown ({e:#}); reading the whole volume",
+                            self.name,
+                            self.tock()
+                        );
+                        Candidates::AllData
+                    }
                 }
             }
-        } else if let ArchiveState::Unusable = archive {
-            self.pool.create_snapshot(&self.name, &self.tock())?;
-            Candidates::AllData
-        } else {
-            let ArchiveState::Archived { tail_start } = archive else {
-                anyhow::bail!("internal error: archive state");
-            };
-            let map = if has_tick { self.load_map(chunk_size)? } else { Err(format!("{} is missing", self.tick())) };
-            match map {
-                Ok(mut map) => {
-                    self.fold_changes(&mut map)?;
-                    Candidates::Marked { map, tail_start }
-                }
-                Err(why) => {
-                    log::warn!("{}: change history unusable ({why}); comparing the whole volume", self.name);
-                    self.pool.create_snapshot(&self.name, &self.tock())?;
-                    Candidates::AllData
+            ArchiveState::Unusable => {
+                self.pool.create_snapshot(&self.name, &self.tock())?;
+                Candidates::AllData
+            }
+            ArchiveState::Archived { tail_start } => {
+                let map =
+                    if has_tick { self.load_map(chunk_size)? } else { Err(format!("{} is missing", self.tick())) };
+                match map {
+                    Ok(mut map) => {
+                        self.fold_changes(&mut map)?;
+                        Candidates::Marked { map, tail_start }
+                    }
+                    Err(why) => {
+                        log::warn!("{}: change history unusable ({why}); comparing the whole volume", self.name);
+                        self.pool.create_snapshot(&self.name, &self.tock())?;
+                        Candidates::AllData
+                    }
                 }
             }
         };
@@ -189,14 +195,15 @@ impl<'a> TrackedVolume<'a> {
     /// to read (the rest of a thin volume reads as zeros). A first send has
     /// no older session whose data could hide under an unmapped block.
     fn mapped_chunks(&self, chunk_size: u64) -> Result<DeltaMap> {
-        let size = self.pool.lv(&self.tock())?.with_context(|| format!("{} vanished", self.tock()))?.size;
-        let mut map = DeltaMap::for_volume(chunk_size, size)?;
-        let mapped = self.pool.mapped_ranges(&self.tock(), |start, len| map.mark_bytes(start, len))?;
+        // Marking grows the map; it gets the volume's length once that is known.
+        let mut map = DeltaMap::new(chunk_size, 0)?;
+        let mapping = self.pool.mapped_ranges(&self.tock(), |start, len| map.mark_bytes(start, len))?;
+        map.resize(mapping.volume_size.div_ceil(chunk_size))?;
         log::info!(
             "{}: first send: {} of {} bytes are mapped in the thin pool; reading {} chunks",
             self.name,
-            mapped,
-            size,
+            mapping.mapped_bytes,
+            mapping.volume_size,
             map.count_marked()
         );
         Ok(map)

@@ -147,6 +147,15 @@ pub struct ScanResult {
     pub right: LvInfo,
 }
 
+/// What [`ThinPool::mapped_ranges`] found besides the ranges themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    /// The volume's size in bytes (ranges are clipped to it).
+    pub volume_size: u64,
+    /// Sum of the ranges reported.
+    pub mapped_bytes: u64,
+}
+
 /// A thin pool `VG/POOL`, the unit every operation here works in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThinPool {
@@ -479,8 +488,8 @@ impl ThinPool {
     /// Reports every mapped range of thin volume `lv` (e.g. `VOL.tock`) in
     /// bytes, clipped to its size, from `thin_dump` of a reserved metadata
     /// snapshot (released afterwards, also on errors). Unmapped ranges read
-    /// as zeros. Returns the bytes reported.
-    pub fn mapped_ranges(&self, lv: &str, mut on_mapped: impl FnMut(u64, u64) -> Result<()>) -> Result<u64> {
+    /// as zeros.
+    pub fn mapped_ranges(&self, lv: &str, mut on_mapped: impl FnMut(u64, u64) -> Result<()>) -> Result<Mapping> {
         let lvs = self.list_lvs()?;
         self.check_in(&lvs)?;
         let info = self.thin_in(&lvs, lv)?.clone();
@@ -505,7 +514,7 @@ impl ThinPool {
         let released = snap.release();
         parsed?;
         released?;
-        Ok(total)
+        Ok(Mapping { volume_size: info.size, mapped_bytes: total })
     }
 
     /// Reports every change between thin volumes `left` (e.g. `VOL.tick`)

@@ -138,7 +138,7 @@ fn thin_pool_in_vm() {
     // The mapping of tock (what a first send reads): the discarded blocks
     // are gone, every written one is there.
     let mut mapped = Vec::new();
-    let total = p
+    let mapping = p
         .mapped_ranges(tock, |start, len| {
             assert_eq!((start % (64 * KIB), len % (64 * KIB)), (0, 0));
             mapped.extend(start / (64 * KIB)..(start + len) / (64 * KIB));
@@ -146,7 +146,8 @@ fn thin_pool_in_vm() {
         })
         .expect("mapped ranges");
     assert_eq!(mapped, (0..16).chain([321]).chain(481..486).chain([1023]).collect::<Vec<u64>>());
-    assert_eq!(total, mapped.len() as u64 * 64 * KIB);
+    assert_eq!(mapping.mapped_bytes, mapped.len() as u64 * 64 * KIB);
+    assert_eq!(mapping.volume_size, 64 * MIB);
     assert_eq!(p.held_metadata_root().expect("status"), None, "metadata snapshot released");
 
     // Rotation: tock becomes tick.

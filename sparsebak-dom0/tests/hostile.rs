@@ -45,6 +45,8 @@ while True:
         out.write(head + payload[: len(payload) // 2]); out.flush(); break
     elif mode == "hang":
         continue  # swallow answers, keep the pipe open until the receiver ends
+    elif mode == "inject":  # answer with the frames in the file named by argv[4]
+        out.write(open(sys.argv[4], "rb").read()); out.flush(); break
     out.flush()
 "#;
 
@@ -54,7 +56,34 @@ struct Hostile {
 }
 
 impl Hostile {
+    /// The real receiver behind the tampering filter in MODE.
     fn new(mode: &str, keep: u32) -> Hostile {
+        Hostile::with_script(|real_vm, dir| {
+            let py = dir.join("tamper.py");
+            std::fs::write(&py, TAMPER_PY).expect("write tamper.py");
+            let inject = dir.join("inject.bin");
+            format!(
+                "{} \"$@\" | python3 {} {mode} {keep} {} {}\n",
+                real_vm.display(),
+                py.display(),
+                chunk_kind(),
+                inject.display()
+            )
+        })
+    }
+
+    /// The real receiver, until it answers `frame` instead of the answer
+    /// after the handshake and `keep` more.
+    fn injecting(keep: u32, frame: &Response) -> Hostile {
+        let h = Hostile::new("inject", keep);
+        let bytes = encode_frame(frame).expect("encode the injected answer");
+        std::fs::write(h.bin.with_file_name("inject.bin"), bytes).expect("write inject.bin");
+        h
+    }
+
+    /// A fake receiver: a shell script whose body `script(REAL_VM, DIR)`
+    /// returns (DIR holds the script).
+    fn with_script(script: impl FnOnce(&Path, &Path) -> String) -> Hostile {
         let env = Env::new(64);
         write_at(&env.image(), 0, &random_bytes(11, 2 * MIB as usize));
         write_at(&env.image(), 3 * MIB, &text_bytes(5, MIB as usize));
@@ -65,18 +94,17 @@ impl Hostile {
         let real_vm = real_sparsebak.with_file_name("sparsebak-vm");
         let bin = dir.join("sparsebak");
         std::fs::copy(&real_sparsebak, &bin).expect("copy sparsebak");
-        let py = dir.join("tamper.py");
-        std::fs::write(&py, TAMPER_PY).expect("write tamper.py");
-        let script = format!(
-            "#!/bin/sh\n{} \"$@\" | python3 {} {mode} {keep} {}\n",
-            real_vm.display(),
-            py.display(),
-            chunk_kind()
-        );
+        let body = script(&real_vm, &dir);
         let fake = dir.join("sparsebak-vm");
-        std::fs::write(&fake, script).expect("write fake receiver");
+        std::fs::write(&fake, format!("#!/bin/sh\n{body}")).expect("write fake receiver");
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         Hostile { env, bin }
+    }
+
+    fn set_idle_timeout(&self, secs: u32) {
+        let cfg = std::fs::read_to_string(self.env.config()).expect("config");
+        let cfg = cfg.replace("destdir = backups\n", &format!("destdir = backups\nidletimeout = {secs}\n"));
+        std::fs::write(self.env.config(), cfg).expect("config");
     }
 
     fn run(&self, args: &[&str]) -> (bool, String) {
@@ -147,10 +175,104 @@ fn tampering_during_send_fails_the_send_without_recording_a_session() {
 #[test]
 fn silent_receiver_times_out_instead_of_hanging() {
     let h = Hostile::new("hang", 0);
-    let cfg = std::fs::read_to_string(h.env.config()).expect("config");
-    std::fs::write(h.env.config(), cfg.replace("destdir = backups\n", "destdir = backups\nidletimeout = 2\n"))
-        .expect("config");
+    h.set_idle_timeout(2);
     let started = std::time::Instant::now();
     h.receive_fails("no progress from the receiver for 2 s");
     assert!(started.elapsed() < std::time::Duration::from_secs(60), "gave up in time");
+}
+
+#[test]
+fn receiver_that_stops_reading_times_out_instead_of_hanging() {
+    // The first 2 MiB reach the real receiver; then stdin stays open, unread
+    // (the script and its `sleep` hold it), while dom0 still has chunks to send.
+    let h = Hostile::with_script(|real_vm, _| format!("head -c 2097152 | {} \"$@\"\nsleep 40\n", real_vm.display()));
+    h.set_idle_timeout(2);
+    write_at(&h.env.image(), 0, &random_bytes(13, 16 * MIB as usize));
+    let before = h.env.sessions();
+    let started = std::time::Instant::now();
+    let (ok, err) = h.run(&["send"]);
+    assert!(!ok, "send to a receiver that stopped reading must fail");
+    assert!(err.contains("no progress from the receiver for 2 s (idletimeout)"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "gave up in time");
+    assert_eq!(h.env.sessions(), before, "no session recorded");
+    // The lock was released: the next send (to the real receiver) works.
+    h.env.ok(&["send"]);
+}
+
+#[test]
+fn receiver_that_never_exits_is_stopped_and_the_send_stands() {
+    // Answers everything, then lingers with its pipes open.
+    let h = Hostile::with_script(|real_vm, _| format!("{} \"$@\"\nsleep 40\n", real_vm.display()));
+    h.set_idle_timeout(2);
+    write_at(&h.env.image(), 0, &random_bytes(14, MIB as usize));
+    let before = h.env.sessions().len();
+    let started = std::time::Instant::now();
+    let (ok, err) = h.run(&["send"]);
+    assert!(ok, "the session was committed: {err}");
+    assert!(err.contains("the receiver did not exit within 2 s"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "did not wait for the straggler");
+    assert_eq!(h.env.sessions().len(), before + 1, "the session is recorded");
+    let save = format!("--save-to={}", h.env.path("restored.img").display());
+    for args in [&["verify", VOL][..], &["receive", VOL, "-u", &save][..]] {
+        let started = std::time::Instant::now();
+        let (ok, err) = h.run(args);
+        assert!(ok && err.contains("did not exit"), "{args:?}: {err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "{args:?} waited");
+    }
+    assert_same_file(&h.env.image(), &h.env.path("restored.img"));
+}
+
+/// What a hostile receiver says reaches dom0's stderr on one line per
+/// message, escaped and cut: no forged `sparsebak:` line, no escape sequence,
+/// no megabytes of text.
+fn assert_tame(err: &str) {
+    assert!(!err.contains('\x1b') && !err.contains('\x07'), "raw control characters: {err:?}");
+    for line in err.lines() {
+        assert!(line.len() <= 1300, "a line of {} bytes", line.len());
+        assert!(!line.starts_with("sparsebak: error: forged"), "forged line: {err}");
+    }
+    assert!(err.len() < 64 * 1024, "{} bytes of stderr", err.len());
+}
+
+#[test]
+fn receiver_error_text_is_shown_escaped_and_cut() {
+    let forged = format!("bad\nsparsebak: error: forged\x1b]0;owned\x07\x1b[2J{}", "A".repeat((8 << 20) - 64));
+    let h = Hostile::injecting(0, &Response::Error(forged));
+    let (ok, err) = h.run(&["verify", VOL]);
+    assert!(!ok, "verify must fail");
+    assert!(err.contains("receiver: bad\\nsparsebak: error: forged\\x1b]0;owned\\x07\\x1b[2J"), "{err}");
+    assert!(err.contains("more bytes)"), "{err}");
+    assert_tame(&err);
+}
+
+#[test]
+fn receiver_chunk_error_text_is_shown_escaped() {
+    let h = Hostile::injecting(2, &Response::ChunkError("gone\nsparsebak: error: forged\x1b[2J".into()));
+    let (ok, err) = h.run(&["verify", VOL]);
+    assert!(!ok, "verify must fail");
+    assert!(err.contains("gone\\nsparsebak: error: forged\\x1b[2J"), "{err}");
+    assert_tame(&err);
+}
+
+#[test]
+fn receiver_stderr_is_relayed_one_escaped_line_at_a_time() {
+    // Writes a forged line, escape sequences, a 4 MiB line and 1000 more
+    // lines to its stderr, then serves normally.
+    let h = Hostile::with_script(|real_vm, _| {
+        format!(
+            "printf 'x\\nsparsebak: error: forged\\033[2J\\007\\n' >&2\n\
+             head -c 4194304 /dev/zero | tr '\\0' B >&2\necho >&2\n\
+             seq 1000 >&2\nexec {} \"$@\"\n",
+            real_vm.display()
+        )
+    });
+    let (ok, err) = h.run(&["verify", VOL]);
+    assert!(ok, "the receiver served normally: {err}");
+    assert!(err.contains("receiver: x\n"), "{err}");
+    assert!(err.contains("receiver: sparsebak: error: forged\\x1b[2J\\x07"), "{err}");
+    assert!(err.contains("receiver: BBBB") && err.contains("more bytes)"), "{err}");
+    assert!(err.contains("(more lines on stderr not shown)"), "{err}");
+    assert!(!err.contains("receiver: 999"), "capped at 100 lines");
+    assert_tame(&err);
 }

@@ -3,6 +3,7 @@
 //! `Response`; an unexpected answer is an error naming the request.
 
 use super::transport::{Receiver, RequestSink, ResponseSource};
+use crate::ui::printable::printable;
 use anyhow::{bail, Result};
 use sparsebak_proto::{Destination, MetaFile, Request, Response, StoreFormat, VolumeRef, PROTOCOL_VERSION};
 
@@ -123,7 +124,7 @@ impl Receiver {
         let req = Request::ReadMeta { volume: volume.clone(), session: session.to_string(), file, offset };
         match self.call(&req)? {
             Response::Meta(d) => Ok(Ok(d)),
-            Response::ChunkError(why) => Ok(Err(why)),
+            Response::ChunkError(why) => Ok(Err(printable(&why))),
             other => Err(unexpected("read metadata", &other)),
         }
     }
@@ -156,7 +157,7 @@ impl ResponseSource {
     pub fn chunk(&mut self) -> Result<ChunkAnswer> {
         match self.recv()? {
             Response::Chunk(data) => Ok(Ok(data)),
-            Response::ChunkError(why) => Ok(Err(why)),
+            Response::ChunkError(why) => Ok(Err(printable(&why))),
             other => Err(unexpected("read chunk", &other)),
         }
     }

@@ -1,23 +1,31 @@
 //! Reaching the receiver: spawn it (locally, over ssh or through qrexec) and
-//! talk frames over its stdin/stdout. Its stderr passes through to the user.
+//! talk frames over its stdin/stdout. Its stderr is relayed to the user line
+//! by line.
 //!
 //! Everything read from the receiver is untrusted: frames are capped by the
-//! decoder, and a receiver that dies or says `Error` becomes a one-line error
-//! here.
+//! decoder, every wait is bounded by `idletimeout`, its text is made
+//! printable and capped before it is shown, and a receiver that dies or says
+//! `Error` becomes a one-line error here.
 
 use crate::config::{Config, DestVm};
+use crate::ui::printable::{self, printable};
 use anyhow::{anyhow, bail, Context, Result};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use sparsebak_proto::{read_msg, write_msg, Destination, FrameError, Request, Response};
-use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::fd::AsFd;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// The qrexec service the backup VM provides.
 pub const QREXEC_SERVICE: &str = "qubes.SparsebakStore";
 const RECEIVER_BIN: &str = "sparsebak-vm";
+/// The size asked for the pipes to and from the receiver (Linux's default
+/// is 64 KiB; 1 MiB is the default limit for unprivileged processes).
+const PIPE_SIZE: i32 = 1 << 20;
 
 /// The argument vector that starts the receiver for `dest`.
 pub fn receiver_argv(dest: &DestVm) -> Result<Vec<String>> {
@@ -55,6 +63,10 @@ fn local_receiver() -> Result<PathBuf> {
 /// A running receiver after a successful handshake.
 pub struct Receiver {
     child: Child,
+    /// Ends when the receiver's stderr does (see [`relay_stderr`]).
+    stderr_done: mpsc::Receiver<()>,
+    /// `[var] idletimeout`: also how long it may take to exit at the end.
+    limit: Duration,
     pub requests: RequestSink,
     pub responses: ResponseSource,
 }
@@ -78,13 +90,29 @@ pub struct Idle<T> {
 }
 
 impl<T: AsFd> Idle<T> {
+    /// Wraps one end of a pipe to the receiver. The pipe is made
+    /// non-blocking, so that no read or write can block past the poll that
+    /// bounds it (a blocking write of a large buffer into a pipe the receiver
+    /// stopped reading would never return), and enlarged: a 128 KiB chunk then
+    /// crosses in one write instead of several wake-ups of both processes.
+    fn new(inner: T, limit: Duration) -> std::io::Result<Self> {
+        let fd = inner.as_fd();
+        let flags = OFlag::from_bits_retain(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        // Best effort: the size is capped by /proc/sys/fs/pipe-max-size, and
+        // qrexec or ssh in between have their own buffers anyway.
+        let _ = fcntl(fd.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+        Ok(Idle { inner, limit })
+    }
+
+    /// Waits until the pipe is ready for `flags`, at most `limit`.
     fn wait(&self, flags: PollFlags) -> std::io::Result<()> {
         let ms = u16::try_from(self.limit.as_millis()).unwrap_or(u16::MAX);
-        let deadline = std::time::Instant::now() + self.limit;
+        let deadline = Instant::now() + self.limit;
         loop {
             let mut fds = [PollFd::new(self.inner.as_fd(), flags)];
             match poll(&mut fds, PollTimeout::from(ms)) {
-                Ok(0) if std::time::Instant::now() >= deadline => {
+                Ok(0) if Instant::now() >= deadline => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         format!("no progress from the receiver for {} s (idletimeout)", self.limit.as_secs()),
@@ -96,19 +124,29 @@ impl<T: AsFd> Idle<T> {
             }
         }
     }
+
+    /// Runs a non-blocking `op` until it does something, waiting for
+    /// `flags` whenever it would block.
+    fn retry<R>(&mut self, flags: PollFlags, mut op: impl FnMut(&mut T) -> std::io::Result<R>) -> std::io::Result<R> {
+        loop {
+            match op(&mut self.inner) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.wait(flags)?,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
 }
 
 impl<T: AsFd + Read> Read for Idle<T> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.wait(PollFlags::POLLIN)?;
-        self.inner.read(buf)
+        self.retry(PollFlags::POLLIN, |inner| inner.read(buf))
     }
 }
 
 impl<T: AsFd + Write> Write for Idle<T> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.wait(PollFlags::POLLOUT)?;
-        self.inner.write(buf)
+        self.retry(PollFlags::POLLOUT, |inner| inner.write(buf))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -132,11 +170,11 @@ impl ResponseSource {
     /// stream is an error.
     pub(super) fn recv(&mut self) -> Result<Response> {
         match read_msg(&mut self.input) {
-            Ok(Some(Response::Error(msg))) => bail!("receiver: {msg}"),
+            Ok(Some(Response::Error(msg))) => bail!("receiver: {}", printable(&msg)),
             Ok(Some(resp)) => Ok(resp),
             Ok(None) => bail!("the receiver closed the connection unexpectedly"),
             Err(FrameError::Io(e)) => Err(anyhow!("reading from the receiver: {e}")),
-            Err(e) => Err(anyhow!("bad data from the receiver: {e}")),
+            Err(e) => Err(anyhow!("bad data from the receiver: {}", printable(&e.to_string()))),
         }
     }
 }
@@ -149,19 +187,20 @@ impl Receiver {
             .args(&argv[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting the receiver ({})", argv.join(" ")))?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
             bail!("receiver pipes unavailable");
         };
         let mut rx = Receiver {
             child,
-            requests: RequestSink {
-                out: BufWriter::with_capacity(1 << 20, Idle { inner: stdin, limit: config.idle_timeout }),
-            },
+            stderr_done: relay_stderr(stderr)?,
+            limit: config.idle_timeout,
+            requests: RequestSink { out: BufWriter::with_capacity(1 << 20, Idle::new(stdin, config.idle_timeout)?) },
             responses: ResponseSource {
-                input: BufReader::with_capacity(1 << 20, Idle { inner: stdout, limit: config.idle_timeout }),
+                input: BufReader::with_capacity(1 << 20, Idle::new(stdout, config.idle_timeout)?),
             },
         };
         rx.hello(Destination { mountpoint: config.dest_mountpoint.clone(), dir: config.dest_dir.clone() })?;
@@ -196,34 +235,39 @@ impl Receiver {
 
     fn with_exit_status(&mut self, e: anyhow::Error) -> anyhow::Error {
         match self.child.try_wait() {
-            Ok(Some(status)) if !status.success() => e.context(format!("the receiver exited with {status}")),
+            Ok(Some(status)) => {
+                // Show what it said on its way out before our own error.
+                let _ = self.stderr_done.recv_timeout(STDERR_GRACE);
+                match status.success() {
+                    true => e,
+                    false => e.context(format!("the receiver exited with {status}")),
+                }
+            }
             _ => e,
         }
     }
 
     /// Closes the receiver's input and waits for it to exit cleanly.
     pub fn finish(self) -> Result<()> {
-        let Receiver { mut child, requests, responses } = self;
+        let (requests, responses, process) = self.split();
         drop(requests);
         drop(responses);
-        let status = child.wait().context("waiting for the receiver")?;
-        if !status.success() {
-            bail!("the receiver exited with {status}");
-        }
-        Ok(())
+        process.finish()
     }
 
     /// Splits off the two halves for pipelined use (receive/verify): one
     /// thread sends requests while another reads answers.
     pub fn split(self) -> (RequestSink, ResponseSource, ReceiverProcess) {
-        let Receiver { child, requests, responses } = self;
-        (requests, responses, ReceiverProcess { child })
+        let Receiver { child, stderr_done, limit, requests, responses } = self;
+        (requests, responses, ReceiverProcess { child, stderr_done, limit })
     }
 }
 
 /// The receiver's process after `split`: killed if dropped before `finish`.
 pub struct ReceiverProcess {
     child: Child,
+    stderr_done: mpsc::Receiver<()>,
+    limit: Duration,
 }
 
 impl Drop for ReceiverProcess {
@@ -235,12 +279,33 @@ impl Drop for ReceiverProcess {
 }
 
 impl ReceiverProcess {
+    /// Waits for the receiver to exit once the conversation is over, at
+    /// most `idletimeout`: a receiver that lingers must not keep the command
+    /// (and dom0's lock) waiting. By then everything it had to do was
+    /// confirmed, so a straggler is stopped with a warning; the command's
+    /// result stands.
     pub fn finish(mut self) -> Result<()> {
-        let status = self.child.wait().context("waiting for the receiver")?;
-        if !status.success() {
-            bail!("the receiver exited with {status}");
+        let deadline = Instant::now() + self.limit;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if let Some(status) = self.child.try_wait().context("waiting for the receiver")? {
+                let _ = self.stderr_done.recv_timeout(STDERR_GRACE);
+                if !status.success() {
+                    bail!("the receiver exited with {status}");
+                }
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                log::warn!(
+                    "the receiver did not exit within {} s (idletimeout) after its work was done; stopped it",
+                    self.limit.as_secs()
+                );
+                return Ok(());
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
-        Ok(())
     }
 
     pub fn kill(&mut self) {
@@ -249,9 +314,85 @@ impl ReceiverProcess {
     }
 }
 
+/// The most lines of the receiver's stderr shown per connection; the rest
+/// is read and dropped, so that a chatty receiver cannot flood syslog.
+const MAX_STDERR_LINES: usize = 100;
+/// How long an exited receiver's last stderr lines are waited for.
+const STDERR_GRACE: Duration = Duration::from_secs(1);
+
+/// Relays the receiver's stderr from a thread of its own: each line becomes
+/// one warning (`receiver: ...`), made printable and cut at
+/// [`printable::MAX_SHOWN`] bytes however long the line is. The returned
+/// channel disconnects when its stderr ends. The thread is never joined: a
+/// receiver that lingers with its stderr open must not hold dom0.
+fn relay_stderr(stderr: ChildStderr) -> Result<mpsc::Receiver<()>> {
+    let (done, ended) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("receiver stderr".into())
+        .spawn(move || {
+            let _done = done;
+            let mut input = BufReader::new(stderr);
+            let mut shown = 0;
+            while let Some((line, len)) = read_line_capped(&mut input, printable::MAX_SHOWN) {
+                if shown < MAX_STDERR_LINES {
+                    let mut text = printable(&String::from_utf8_lossy(&line));
+                    if len > line.len() {
+                        text.push_str(&printable::cut_note(len - line.len()));
+                    }
+                    log::warn!("receiver: {text}");
+                } else if shown == MAX_STDERR_LINES {
+                    log::warn!("receiver: (more lines on stderr not shown)");
+                }
+                shown += 1;
+            }
+        })
+        .context("starting the receiver's stderr relay")?;
+    Ok(ended)
+}
+
+/// The next line of `input` without its newline, at most `cap` bytes of it
+/// (the rest of a longer line is read and dropped), and the line's whole
+/// length; `None` at the end.
+fn read_line_capped(input: &mut impl BufRead, cap: usize) -> Option<(Vec<u8>, usize)> {
+    let mut line = Vec::new();
+    let mut len = 0;
+    let mut any = false;
+    loop {
+        let buf = match input.fill_buf() {
+            Ok([]) => return any.then_some((line, len)),
+            Ok(buf) => buf,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return any.then_some((line, len)),
+        };
+        any = true;
+        let (part, used, end) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], i + 1, true),
+            None => (buf, buf.len(), false),
+        };
+        let room = cap.saturating_sub(line.len());
+        line.extend_from_slice(&part[..part.len().min(room)]);
+        len += part.len();
+        input.consume(used);
+        if end {
+            return Some((line, len));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stderr_lines_are_capped_and_split() {
+        let long = format!("{}\nsecond\n\nlast", "x".repeat(5000));
+        let mut input = std::io::Cursor::new(long.into_bytes());
+        assert_eq!(read_line_capped(&mut input, 10), Some((b"xxxxxxxxxx".to_vec(), 5000)));
+        assert_eq!(read_line_capped(&mut input, 10), Some((b"second".to_vec(), 6)));
+        assert_eq!(read_line_capped(&mut input, 10), Some((Vec::new(), 0)));
+        assert_eq!(read_line_capped(&mut input, 10), Some((b"last".to_vec(), 4)));
+        assert_eq!(read_line_capped(&mut input, 10), None);
+    }
 
     #[test]
     fn qrexec_argv() {

@@ -1,7 +1,8 @@
 //! What the user sees: log lines (stderr and syslog), progress bars,
-//! yes/no prompts and byte counts.
+//! yes/no prompts, byte counts, and untrusted text made printable.
 
 pub mod logging;
+pub mod printable;
 mod progress;
 mod prompt;
 mod size;

@@ -139,12 +139,6 @@ fn copy_tree(from: &Path, to: &Path) {
     assert!(st.success());
 }
 
-/// Removes dom0's metadata of the pool (key, sessions, manifests), keeping
-/// the config file.
-fn lose_dom0_metadata(env: &Env) {
-    std::fs::remove_dir_all(env.path("meta/local%images")).expect("remove metadata");
-}
-
 #[test]
 fn recover_from_empty_metadata_restores_bit_identical() {
     let env = Env::new(64);
@@ -156,7 +150,7 @@ fn recover_from_empty_metadata_restores_bit_identical() {
     env.ok(&["send"]);
     let second = env.snapshot_image("second");
     let before = env.sessions();
-    lose_dom0_metadata(&env);
+    env.lose_dom0_metadata();
 
     let out = env.ok(&["recover"]);
     assert!(out.contains("recovered 2 session(s)"), "{out}");
@@ -176,7 +170,7 @@ fn wrong_passphrase_is_refused_without_a_crash() {
     let env = Env::new(64);
     write_at(&env.image(), 0, &random_bytes(10, MIB as usize));
     env.ok(&["send"]);
-    lose_dom0_metadata(&env);
+    env.lose_dom0_metadata();
     std::fs::write(env.passphrase_file(), "not the passphrase\n").expect("write");
     let out = env.run(&["recover"]);
     assert_eq!(out.status.code(), Some(1), "a clean failure, not a crash");
@@ -225,7 +219,7 @@ fn unencrypted_archives_keep_working_and_modes_cannot_mix() {
 
     // Recovering an unencrypted archive works too.
     env.write_config_with(&env.mnt(), &[(VOL, "enable")], "encryption = off\n");
-    lose_dom0_metadata(&env);
+    env.lose_dom0_metadata();
     env.ok(&["recover"]);
     assert_same_file(&env.image(), &env.receive(None, "r2.img"));
 }
@@ -240,7 +234,7 @@ fn encrypted_archive_refuses_encryption_off() {
     assert!(err.contains("is encrypted"), "{err}");
     // A new dom0 cannot start a second key for the same archive either.
     env.write_config(&env.mnt(), &[(VOL, "enable")]);
-    lose_dom0_metadata(&env);
+    env.lose_dom0_metadata();
     let err = env.fails(&["send"]);
     assert!(err.contains("sparsebak recover"), "{err}");
 }
@@ -267,7 +261,7 @@ fn pruned_sessions_keep_their_chunks_openable_also_after_recover() {
     assert!(text.lines().any(|l| l.ends_with(&format!(" S_{}", s[1]))), "{text}");
     env.ok(&["verify"]);
     assert_same_file(&latest, &env.receive(None, "after-prune.img"));
-    lose_dom0_metadata(&env);
+    env.lose_dom0_metadata();
     env.ok(&["recover"]);
     assert_same_file(&latest, &env.receive(None, "after-recover.img"));
 }

@@ -76,9 +76,14 @@ impl Hostile {
     /// after the handshake and `keep` more.
     fn injecting(keep: u32, frame: &Response) -> Hostile {
         let h = Hostile::new("inject", keep);
-        let bytes = encode_frame(frame).expect("encode the injected answer");
-        std::fs::write(h.bin.with_file_name("inject.bin"), bytes).expect("write inject.bin");
+        h.inject(frame);
         h
+    }
+
+    /// The answer that replaces the receiver's from then on.
+    fn inject(&self, frame: &Response) {
+        let bytes = encode_frame(frame).expect("encode the injected answer");
+        std::fs::write(self.bin.with_file_name("inject.bin"), bytes).expect("write inject.bin");
     }
 
     /// A fake receiver: a shell script whose body `script(REAL_VM, DIR)`
@@ -108,7 +113,14 @@ impl Hostile {
     }
 
     fn run(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(&self.bin).arg("--config").arg(self.env.config()).args(args).output().expect("spawn");
+        let out = Command::new(&self.bin)
+            .arg("--config")
+            .arg(self.env.config())
+            .arg("--passphrase-file")
+            .arg(self.env.passphrase_file())
+            .args(args)
+            .output()
+            .expect("spawn");
         (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
@@ -275,4 +287,40 @@ fn receiver_stderr_is_relayed_one_escaped_line_at_a_time() {
     assert!(err.contains("(more lines on stderr not shown)"), "{err}");
     assert!(!err.contains("receiver: 999"), "capped at 100 lines");
     assert_tame(&err);
+}
+
+#[test]
+fn recover_cut_off_halfway_can_be_run_again() {
+    for keep in [1, 3, 5] {
+        let h = Hostile::new("hang", keep);
+        h.set_idle_timeout(2);
+        write_at(&h.env.image(), MIB, &random_bytes(15, MIB as usize));
+        h.env.ok(&["send"]);
+        let sessions = h.env.sessions();
+        h.env.lose_dom0_metadata();
+        let (ok, err) = h.run(&["recover"]);
+        assert!(!ok && err.contains("no progress from the receiver"), "keep={keep}: {err}");
+        // Other commands say what to do instead of working on half the metadata.
+        let listed = h.env.fails(&["list", VOL]);
+        assert!(listed.contains("run `sparsebak recover` again"), "keep={keep}: {listed}");
+        // The rerun (real receiver) finishes the job.
+        let out = h.env.ok(&["recover"]);
+        assert!(out.contains(&format!("recovered {} session(s)", sessions.len())), "keep={keep}: {out}");
+        assert_eq!(h.env.sessions(), sessions, "keep={keep}");
+        assert_same_file(&h.env.image(), &h.env.receive(None, &format!("recovered-{keep}.img")));
+        h.env.ok(&["send"]);
+        assert_eq!(h.env.sessions(), sessions, "keep={keep}: nothing changed, nothing sent");
+    }
+}
+
+#[test]
+fn receiver_listing_a_session_twice_is_refused() {
+    let h = Hostile::new("inject", 1);
+    let s = format!("S_{}", h.env.sessions()[0]);
+    h.inject(&Response::Sessions(vec![s.clone(), s]));
+    h.env.lose_dom0_metadata();
+    let (ok, err) = h.run(&["recover"]);
+    assert!(!ok, "recover must fail");
+    assert!(err.contains("the receiver listed session") && err.contains("twice"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }

@@ -352,3 +352,63 @@ fn list_shows_sessions_and_volume_states() {
     assert!(other.contains("sessions=0") && other.contains("configured=yes"), "{text}");
     assert!(other.contains("enabled=no") && other.contains("present=no"), "{text}");
 }
+
+/// After a prune killed at any step of either side, the next ordinary
+/// command that talks to the receiver (a timer's `send`, or `verify`,
+/// `receive`) settles it first: no false "differs from dom0's record" alarm,
+/// no leftovers, every session restores as it was sent.
+#[test]
+fn killed_prunes_are_settled_by_the_next_send_or_verify() {
+    let env = Env::new(256);
+    let img = env.image();
+    let mut copies = Copies::new();
+    write_at(&img, 0, &random_bytes(60, 2 * MIB as usize));
+    send(&env, false, &mut copies);
+    let points: Vec<(&str, u32)> = (1..=10)
+        .map(|k| (sparsebak_proto_vars::DOM0, k))
+        .chain((1..=7).map(|k| (sparsebak_proto_vars::RECEIVER, k)))
+        .collect();
+    for i in 0..3u64 {
+        write_at(&img, (i * 3 % 16) * CHUNK + 10, &random_bytes(61 + i, 4096));
+        send(&env, false, &mut copies);
+    }
+    for (round, (var, k)) in points.into_iter().enumerate() {
+        let sessions = env.sessions();
+        let p = sessions[sessions.len() - 3].clone();
+        let out = env.run_env(&["prune", VOL, &format!("--session={p}")], &[(var, &k.to_string())]);
+        assert!(!out.status.success(), "{var}={k}: the hook stopped the prune");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // The first command after the kill: send (as a timer would run it)
+        // in most rounds, verify or receive in the others.
+        match round % 3 {
+            0 | 1 => {
+                write_at(&img, (round as u64 % 16) * CHUNK + 20, &random_bytes(70 + round as u64, 4096));
+                let before = env.sessions().len();
+                let out = env.run(&["send"]);
+                assert!(out.status.success(), "{var}={k}: send: {}", String::from_utf8_lossy(&out.stderr));
+                let name = env.sessions().last().expect("a session").clone();
+                assert!(env.sessions().len() >= before, "{var}={k}");
+                copies.insert(name.clone(), env.snapshot_image(&name));
+            }
+            _ => {
+                let restored = env.receive(None, &format!("first-{round}"));
+                let newest = env.sessions().last().expect("newest").clone();
+                assert_same_file(&restored, &copies[&newest]);
+                std::fs::remove_file(&restored).expect("remove restored");
+            }
+        }
+        let verified = env.run(&["verify", VOL]);
+        let err = String::from_utf8_lossy(&verified.stderr);
+        assert!(verified.status.success(), "{var}={k}: verify after settling: {err}");
+        assert!(!err.contains("differs"), "{var}={k}: {err}");
+        assert_eq!(leftovers(&env), Vec::<PathBuf>::new(), "{var}={k}: leftovers");
+        assert_no_garbage(&env);
+        let listed = env.sessions();
+        if !listed.contains(&p) {
+            copies.remove(&p);
+        }
+        assert_eq!(listed, copies.keys().cloned().collect::<Vec<_>>(), "{var}={k}: sessions");
+        check_sessions(&env, &copies, &[listed[listed.len() - 3].clone()]);
+    }
+    check_all(&env, &copies);
+}

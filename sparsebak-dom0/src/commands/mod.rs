@@ -100,6 +100,13 @@ pub fn run(cli: &Cli) -> Result<()> {
     }
     let config = Config::load(&cli.config)?;
     let pool_dir = config.pool_dir()?;
+    let marker = crate::meta::recover_marker_path(&config.meta_dir, &pool_dir);
+    if cli.command != CommandName::Recover && marker.exists() {
+        bail!(
+            "a `recover` did not finish ({} exists): run `sparsebak recover` again to rebuild the metadata",
+            marker.display()
+        );
+    }
     let ctx = Ctx { cli, config, pool_dir };
     match cli.command {
         CommandName::Send => send::run(&ctx),

@@ -19,7 +19,9 @@
 //! A range is pruned newest first, so each chunk moves at most once. Each
 //! single prune is journaled on both sides (see `prune_journal.rs` and the
 //! receiver's `prune.rs`); an interrupted one is settled (finished or
-//! rolled back) at the start of the next prune or delete of the volume.
+//! rolled back) first by the next command that talks to the receiver about
+//! the volume (send, receive, verify, prune), so a timer's next send brings
+//! both sides back in line.
 //! Cost: one pass over the manifests of P and N, one link per moved chunk;
 //! nothing proportional to the volume size.
 

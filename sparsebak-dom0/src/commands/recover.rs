@@ -12,17 +12,18 @@
 //! the recovered sessions are listed so the user can judge.
 
 use super::{restore, Ctx};
-use crate::crypto::{keyfile, passphrase, Keys};
-use crate::meta::{ManifestReader, MetaDir, SessionId, SessionInfo, VolumeMeta};
+use crate::crypto::{keyfile, passphrase, DataKey, Keys};
+use crate::meta::{recover_marker_path, ManifestReader, MetaDir, SessionId, SessionInfo, VolumeMeta};
 use crate::remote::{
     archive_key,
     metafile::{self, MetaRef},
     rollback, Receiver,
 };
 use anyhow::{bail, Context, Result};
-use sparsebak_fsutil::write_file_durably;
+use sparsebak_fsutil::{remove_file_durably, write_file_durably};
 use sparsebak_proto::{MetaFile, VolumeRef};
 use std::io::Write;
+use std::path::Path;
 
 /// Largest info file accepted from the archive.
 const MAX_INFO: u64 = 64 * 1024;
@@ -33,7 +34,9 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let names = ctx.config.select_volumes(&ctx.cli.volumes, false)?;
     let recovered = {
         let meta = MetaDir::lock(&ctx.config.meta_dir)?;
+        let marker = recover_marker_path(&ctx.config.meta_dir, &ctx.pool_dir);
         let key_path = keyfile::dom0_key_path(&ctx.config.meta_dir, &ctx.pool_dir);
+        discard_partial_recover(&meta, ctx, &marker, &key_path)?;
         if key_path.exists() {
             bail!("dom0 already holds the key {}; recover only rebuilds lost metadata", key_path.display());
         }
@@ -42,8 +45,12 @@ pub fn run(ctx: &Ctx) -> Result<()> {
                 bail!("dom0 already has sessions of {name}; recover only rebuilds lost metadata");
             }
         }
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        write_file_durably(&marker, names.iter().map(|n| format!("{n}\n")).collect::<String>().as_bytes())?;
         let mut rx = Receiver::connect(&ctx.config)?;
-        let keys = recover_key(ctx, &mut rx)?;
+        let (keys, data_key) = recover_key(ctx, &mut rx)?;
         let mut recovered = Vec::new();
         for name in &names {
             let volume = ctx.volume_ref(name);
@@ -59,6 +66,10 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             }
         }
         rx.finish()?;
+        if let Some(key) = &data_key {
+            keyfile::save_dom0_key(&key_path, key)?;
+        }
+        remove_file_durably(&marker)?;
         recovered
     };
     if recovered.is_empty() {
@@ -67,15 +78,32 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     restore::verify_volumes(ctx, &recovered)
 }
 
-/// Unwraps the archive's key with the passphrase and keeps it in dom0; an
-/// archive without a key must be an unencrypted one.
-fn recover_key(ctx: &Ctx, rx: &mut Receiver) -> Result<Option<Keys>> {
+/// Discards what an interrupted recover left (see the module comment): the
+/// metadata of the volumes its marker names, and a key it may have written.
+fn discard_partial_recover(meta: &MetaDir, ctx: &Ctx, marker: &Path, key_path: &Path) -> Result<()> {
+    let text = match std::fs::read_to_string(marker) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", marker.display())),
+    };
+    log::warn!("an earlier recover did not finish; discarding its partial metadata and starting over");
+    for name in text.lines() {
+        sparsebak_proto::names::validate_volume_name(name)
+            .with_context(|| format!("{} names a bad volume", marker.display()))?;
+        meta.delete_volume(&ctx.pool_dir, name)?;
+    }
+    remove_file_durably(key_path)?;
+    remove_file_durably(marker)
+}
+
+/// Unwraps the archive's key with the passphrase (dom0 keeps it once every
+/// volume is recovered); an archive without a key must be an unencrypted one.
+fn recover_key(ctx: &Ctx, rx: &mut Receiver) -> Result<(Option<Keys>, Option<DataKey>)> {
     match (archive_key::archive_wrapped_key(ctx.key_scope(), rx)?, ctx.config.encryption) {
         (Some(wrapped), true) => {
             let pass = passphrase::existing(ctx.cli.passphrase_file.as_deref())?;
             let key = wrapped.unwrap_key(&pass, &ctx.pool_dir)?;
-            keyfile::save_dom0_key(&keyfile::dom0_key_path(&ctx.config.meta_dir, &ctx.pool_dir), &key)?;
-            Ok(Some(Keys::from_data_key(&key)))
+            Ok((Some(Keys::from_data_key(&key)), Some(key)))
         }
         (Some(_), false) => bail!("the archive of {} is encrypted, but the config says encryption = off", ctx.pool_dir),
         (None, true) => bail!(
@@ -83,7 +111,7 @@ fn recover_key(ctx: &Ctx, rx: &mut Receiver) -> Result<Option<Keys>> {
              or this is not the right destination",
             ctx.pool_dir
         ),
-        (None, false) => Ok(None),
+        (None, false) => Ok((None, None)),
     }
 }
 

@@ -10,7 +10,7 @@
 //! renamed over it only when every chunk checked out, so a failed receive
 //! never leaves a half-restored file behind.
 
-use super::Ctx;
+use super::{prune, Ctx};
 use crate::chunk::{self, pipeline, ChunkCodec, ChunkFault};
 use crate::crypto::Keys;
 use crate::meta::{ChunkState, MergedEntry, MetaDir, SessionId, VolumeMeta};
@@ -69,6 +69,12 @@ fn run_on(ctx: &Ctx, mode: Mode, names: &[String]) -> Result<()> {
     for name in names {
         sparsebak_proto::names::validate_volume_name(name)?;
         let vm = meta.volume(&ctx.pool_dir, name);
+        if !vm.exists() {
+            bail!("volume {name:?} has no sessions in {}", ctx.config.meta_dir.display());
+        }
+        let volume = ctx.volume_ref(name);
+        let mut rx = Receiver::connect(&ctx.config)?;
+        prune::settle(&vm, &mut rx, keys.as_ref(), &volume)?;
         let sessions = vm.sessions()?;
         if sessions.is_empty() {
             bail!("volume {name:?} has no sessions in {}", ctx.config.meta_dir.display());
@@ -80,8 +86,6 @@ fn run_on(ctx: &Ctx, mode: Mode, names: &[String]) -> Result<()> {
             None => sessions.len() - 1,
         };
         let upto = sessions[..=target].to_vec();
-        let volume = ctx.volume_ref(name);
-        let mut rx = Receiver::connect(&ctx.config)?;
         rollback::check(&volume, &sessions, &rollback::archive_sessions(&mut rx, &volume)?)?;
         if mode == Mode::Verify {
             failures.extend(check_metadata(&mut rx, &vm, keys.as_ref(), &volume, &upto)?);

@@ -13,7 +13,7 @@
 //! A send that finds nothing changed (same size, no changed chunk) creates no
 //! session.
 
-use super::Ctx;
+use super::{prune, Ctx};
 use crate::changes::{ArchiveState, Candidates, ScanJobs, TrackedVolume};
 use crate::chunk::{self, pipeline, ChunkCodec, Packed};
 use crate::config::SourceKind;
@@ -66,6 +66,7 @@ fn send_volume(
     let started = Instant::now();
     let vm = meta.volume(&ctx.pool_dir, name);
     let volume = ctx.volume_ref(name);
+    prune::settle(&vm, rx, keys, &volume)?;
     let archive_sessions = reconcile(&vm, rx, &volume)?;
     let sessions = vm.sessions()?;
     rollback::check(&volume, &sessions, &archive_sessions)?;

@@ -5,6 +5,7 @@
 //! META/VG%POOL/VOLUME/S_*/{info,manifest}
 //! META/VG%POOL/VOLUME/prune.journal     (an unsettled prune, see prune_journal.rs)
 //! META/VG%POOL/VOLUME.deltamap          (LVM volumes)
+//! META/VG%POOL/recover.partial          (a recover under way, see recover.rs)
 //! ```
 //!
 //! A session appears here only after the receiver committed it: it is
@@ -20,6 +21,13 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 const LOCK_FILE: &str = ".sparsebak.lock";
+const RECOVER_MARKER: &str = "recover.partial";
+
+/// `META/VG%POOL/recover.partial`: while it exists, the pool's metadata is
+/// a recover's unfinished work (the volumes it names, and the key).
+pub fn recover_marker_path(meta_root: &Path, pool_dir: &str) -> PathBuf {
+    meta_root.join(pool_dir).join(RECOVER_MARKER)
+}
 
 /// The locked metadata directory.
 pub struct MetaDir {

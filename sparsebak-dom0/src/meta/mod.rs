@@ -14,5 +14,5 @@ mod session;
 pub use manifest::{
     ChunkState, Hash, ManifestEntry, ManifestMerge, ManifestReader, ManifestWriter, MergedEntry, Origin,
 };
-pub use metadir::{MetaDir, VolumeMeta};
+pub use metadir::{recover_marker_path, MetaDir, VolumeMeta};
 pub use session::{SessionFormat, SessionId, SessionInfo};

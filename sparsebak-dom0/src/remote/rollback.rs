@@ -14,10 +14,21 @@ use crate::remote::Receiver;
 use anyhow::{bail, Result};
 use sparsebak_proto::VolumeRef;
 
-/// The archive's committed sessions of a volume (names it cannot parse are
-/// not sessions).
+/// The archive's committed sessions of a volume, oldest first (names it
+/// cannot parse are not sessions). A session listed twice is refused: a
+/// folder cannot exist twice, so the receiver is lying.
 pub fn archive_sessions(rx: &mut Receiver, volume: &VolumeRef) -> Result<Vec<SessionId>> {
-    Ok(rx.list_sessions(volume)?.iter().filter_map(|s| SessionId::parse(s).ok()).collect())
+    let mut sessions: Vec<SessionId> =
+        rx.list_sessions(volume)?.iter().filter_map(|s| SessionId::parse(s).ok()).collect();
+    sessions.sort();
+    if let Some(twice) = sessions.windows(2).find(|w| w[0] == w[1]) {
+        bail!(
+            "{}: the receiver listed session {} twice; its answer cannot be trusted",
+            volume.name,
+            twice[0].date_time()
+        );
+    }
+    Ok(sessions)
 }
 
 /// Fails when the archive holds sessions of the volume but not dom0's newest.

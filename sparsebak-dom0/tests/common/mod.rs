@@ -36,6 +36,12 @@ impl Env {
         env
     }
 
+    /// Removes dom0's metadata of the pool (key, sessions, manifests),
+    /// keeping the config file.
+    pub fn lose_dom0_metadata(&self) {
+        std::fs::remove_dir_all(self.path("meta/local%images")).expect("remove metadata");
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }

@@ -31,6 +31,9 @@ const VAR_KEYS: &[&str] = &[
 /// make any progress before giving up (a commit on a slow disk can take a
 /// while, so this is generous).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(900);
+/// The range of `[var] idletimeout`, in seconds: at least 1, at most a day
+/// (every wait adds it to the clock, so it must stay a sane number).
+pub const IDLE_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
 
 /// Where the volumes come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,10 +84,18 @@ impl Config {
 
     pub fn parse(path: &Path, text: &str) -> Result<Config> {
         let ini = ini::Ini::load_from_str(text).map_err(|e| anyhow!("{e}"))?;
-        for (section, _) in ini.iter() {
+        for (section, props) in ini.iter() {
             match section {
                 None | Some("var") | Some("volumes") => {}
                 Some(other) => bail!("unknown section [{other}]"),
+            }
+            // The parser keeps every copy; which one wins is not obvious to
+            // whoever edits the file, so a second copy is an error.
+            if let Some(name) = section.filter(|s| ini.section_all(Some(*s)).count() > 1) {
+                bail!("section [{name}] appears more than once");
+            }
+            if let Some((key, _)) = props.iter().find(|(k, _)| props.get_all(k).count() > 1) {
+                bail!("key {key:?} appears more than once in [{}]", section.unwrap_or("general"));
             }
         }
         if let Some((key, _)) = ini.general_section().iter().next() {
@@ -122,8 +133,12 @@ impl Config {
         let idle_timeout = match var.get("idletimeout") {
             None => DEFAULT_IDLE_TIMEOUT,
             Some(v) => match v.trim().parse::<u64>() {
-                Ok(secs) if secs > 0 => Duration::from_secs(secs),
-                _ => bail!("key \"idletimeout\": {v:?} is not a positive number of seconds"),
+                Ok(secs) if IDLE_TIMEOUT_RANGE.contains(&secs) => Duration::from_secs(secs),
+                _ => bail!(
+                    "key \"idletimeout\": {v:?} is not a number of seconds from {} to {}",
+                    IDLE_TIMEOUT_RANGE.start(),
+                    IDLE_TIMEOUT_RANGE.end()
+                ),
             },
         };
         let encryption = match var.get("encryption").map(str::trim) {
@@ -228,21 +243,24 @@ fn parse_dest_vm(value: &str) -> Result<DestVm> {
     Ok(DestVm::Qubes(value.to_string()))
 }
 
-/// Chunk size in bytes, given in bytes or with a K/M suffix; a power of two
-/// from 64 KiB to the protocol's maximum.
+/// Chunk size in bytes, given in bytes or with a K/M/G suffix; a power of
+/// two from 64 KiB to the protocol's maximum (4 MiB).
 fn parse_chunk_size(v: &str) -> Result<u64> {
+    const RANGE: &str = "a power of two from 64K to 4M";
     let v = v.trim();
     let (num, mult) = match v.chars().last() {
-        Some('K' | 'k') => (&v[..v.len() - 1], 1024),
-        Some('M' | 'm') => (&v[..v.len() - 1], 1024 * 1024),
+        Some('K' | 'k') => (&v[..v.len() - 1], 1 << 10),
+        Some('M' | 'm') => (&v[..v.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&v[..v.len() - 1], 1 << 30),
         _ => (v, 1),
     };
-    let n: u64 = num.parse().map_err(|_| anyhow!("{v:?} is not a size"))?;
-    let size = n.checked_mul(mult).ok_or_else(|| anyhow!("{v:?} is too large"))?;
-    if !size.is_power_of_two() || !(64 * 1024..=sparsebak_proto::msg::MAX_CHUNK_SIZE).contains(&size) {
-        bail!("chunk size {size} must be a power of two from 64K to 4M");
+    let size = num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult));
+    match size {
+        Some(size) if size.is_power_of_two() && (64 * 1024..=sparsebak_proto::msg::MAX_CHUNK_SIZE).contains(&size) => {
+            Ok(size)
+        }
+        _ => bail!("{v:?} is not a valid chunk size: {RANGE} (bytes, or with a K or M suffix)"),
     }
-    Ok(size)
 }
 
 #[cfg(test)]
@@ -304,5 +322,30 @@ mod tests {
         assert_eq!(c.pool_dir().expect("pool"), "local%images");
         assert_eq!(c.chunk_size, 256 * 1024);
         assert!(err_of(&text.replace("256K", "100K")).contains("chunksize"));
+        for bad in ["1G", "3M", "18446744073709551615K", "big"] {
+            let e = err_of(&text.replace("256K", bad));
+            assert!(e.contains("chunksize") && e.contains("a power of two from 64K to 4M"), "{bad}: {e}");
+        }
+        assert_eq!(parse(&text.replace("256K", "4M")).expect("4M").chunk_size, 4 << 20);
+    }
+
+    #[test]
+    fn idle_timeout_has_a_range() {
+        let with = |v: &str| LVM.replace("destdir = backups\n", &format!("destdir = backups\nidletimeout = {v}\n"));
+        assert_eq!(parse(&with("86400")).expect("a day").idle_timeout, Duration::from_secs(86_400));
+        for bad in ["0", "86401", "18446744073709551615", "-1", "1.5"] {
+            let e = err_of(&with(bad));
+            assert!(e.contains("idletimeout") && e.contains("from 1 to 86400"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_and_sections_are_errors() {
+        let e = err_of(&LVM.replace("destdir = backups\n", "destdir = backups\ndestdir = other\n"));
+        assert!(e.contains("\"destdir\" appears more than once in [var]"), "{e}");
+        let e = err_of(&format!("{LVM}\n[volumes]\nvm-c-private = enable\n"));
+        assert!(e.contains("section [volumes] appears more than once"), "{e}");
+        let e = err_of(&LVM.replace("vm-b-private = disable", "vm-b-private = disable\nvm-a-private = disable"));
+        assert!(e.contains("\"vm-a-private\" appears more than once in [volumes]"), "{e}");
     }
 }

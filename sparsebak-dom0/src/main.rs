@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod crypto;
 mod hex;
+mod interrupt;
 mod meta;
 mod remote;
 mod source;

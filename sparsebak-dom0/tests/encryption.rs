@@ -265,3 +265,27 @@ fn pruned_sessions_keep_their_chunks_openable_also_after_recover() {
     env.ok(&["recover"]);
     assert_same_file(&latest, &env.receive(None, "after-recover.img"));
 }
+
+/// A mistyped `localdir` or volume name fails before anything is written:
+/// no archive key (in the archive or in dom0), no session, no metadata.
+#[test]
+fn missing_sources_fail_before_anything_is_written() {
+    let env = Env::new(64);
+    write_at(&env.image(), 0, &random_bytes(12, MIB as usize));
+    let good = std::fs::read_to_string(env.config()).expect("config");
+    let mistakes = [
+        (good.replace(&env.path("images").display().to_string(), "/nonexistent"), "localdir /nonexistent"),
+        (good.replace(&format!("{VOL} = enable"), "disk.imgg = enable"), "disk.imgg"),
+    ];
+    for (config, expect) in mistakes {
+        std::fs::write(env.config(), &config).expect("config");
+        let err = env.fails(&["send"]);
+        assert!(err.contains(expect), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(env.archive_files().is_empty(), "nothing in the archive: {:?}", env.archive_files());
+        assert!(!env.path("meta/local%images").exists(), "nothing in dom0's metadata");
+        assert!(!env.path("meta/local%nonexistent").exists(), "nothing in dom0's metadata");
+    }
+    std::fs::write(env.config(), &good).expect("config");
+    env.ok(&["send"]);
+}

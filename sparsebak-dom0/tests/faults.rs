@@ -185,3 +185,63 @@ fn receive_does_not_overwrite_without_consent() {
     env.ok(&["receive", VOL, "-u", &format!("--save-to={}", dest.display())]);
     assert_same_file(&dest, &env.image());
 }
+
+/// The temporary file beside `--save-to` is never opened through a link; a
+/// regular leftover of a killed receive is replaced.
+#[test]
+fn receive_never_follows_a_link_planted_at_its_temporary_file() {
+    let env = Env::new(64);
+    write_at(&env.image(), 0, &random_bytes(80, 2 * MIB as usize));
+    env.ok(&["send"]);
+    let dest = env.path("out/restored.img");
+    let tmp = env.path("out/.restored.img.sparsebak-tmp");
+    let victim = env.path("victim");
+    std::fs::write(&victim, b"precious").expect("write victim");
+    std::os::unix::fs::symlink(&victim, &tmp).expect("plant link");
+    let save = format!("--save-to={}", dest.display());
+    let err = env.fails(&["receive", VOL, "-u", &save]);
+    assert!(err.contains("is not a regular file"), "{err}");
+    assert_eq!(std::fs::read(&victim).expect("victim"), b"precious", "the link's target is untouched");
+    assert!(!dest.exists());
+    // A leftover regular file of a killed receive is simply replaced.
+    std::fs::remove_file(&tmp).expect("remove link");
+    std::fs::write(&tmp, b"leftover").expect("leftover");
+    env.ok(&["receive", VOL, "-u", &save]);
+    assert_same_file(&env.image(), &dest);
+    assert!(!tmp.exists(), "temporary file renamed into place");
+}
+
+/// SIGTERM or SIGINT during a receive removes its temporary file.
+#[test]
+fn interrupted_receive_removes_its_temporary_file() {
+    let env = Env::new(256);
+    write_at(&env.image(), 0, &random_bytes(81, 96 * MIB as usize));
+    env.ok(&["send"]);
+    for (signal, code) in [("TERM", 143), ("INT", 130)] {
+        let dest = env.path("out/big.img");
+        let tmp = env.path("out/.big.img.sparsebak-tmp");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sparsebak"))
+            .arg("--config")
+            .arg(env.config())
+            .args(["receive", VOL, "-u", &format!("--save-to={}", dest.display())])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let started = std::time::Instant::now();
+        while !tmp.exists() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "the temporary file never appeared");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let killed = std::process::Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "SIG{signal}: {err}");
+        assert!(err.contains("interrupted by SIG"), "{err}");
+        assert!(!tmp.exists(), "SIG{signal}: temporary file removed");
+        assert!(!dest.exists(), "SIG{signal}: nothing at --save-to");
+    }
+}

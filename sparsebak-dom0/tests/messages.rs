@@ -129,3 +129,82 @@ fn syslog_when_stdout_is_not_a_terminal_and_quiet_keeps_errors() {
     assert_eq!(stderr.lines().count(), 1, "one line on stderr: {stderr}");
     assert!(stderr.starts_with("sparsebak: error: "), "{stderr}");
 }
+
+/// Where a process's stdout or stderr goes in [`closed_or_full_output_never_panics`].
+#[derive(Debug, Clone, Copy)]
+enum Sink {
+    /// A pipe whose reader is gone (`sparsebak verify 2>&1 | head -1`).
+    Broken,
+    /// `/dev/full`: every write fails with ENOSPC.
+    Full,
+    /// A pipe the test reads.
+    Read,
+}
+
+fn sink(kind: Sink) -> std::process::Stdio {
+    match kind {
+        Sink::Broken => {
+            let (reader, writer) = std::io::pipe().expect("pipe");
+            drop(reader);
+            writer.into()
+        }
+        Sink::Full => std::fs::File::options().write(true).open("/dev/full").expect("open /dev/full").into(),
+        Sink::Read => std::process::Stdio::piped(),
+    }
+}
+
+/// Runs `bin args` with stdout and stderr going to the given sinks and
+/// `input` on stdin; fails the test on a panic (exit 101, or "panicked" in
+/// whatever could be read).
+fn assert_no_panic(bin: &str, args: &[String], input: &[u8], out: Sink, err: Sink) -> Option<i32> {
+    use std::io::Write as _;
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(sink(out))
+        .stderr(sink(err))
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let _ = stdin.write_all(input);
+    drop(stdin);
+    let output = child.wait_with_output().expect("wait");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let what = format!("{bin} {args:?} with stdout {out:?}, stderr {err:?}");
+    assert_ne!(output.status.code(), Some(101), "{what} panicked: {text}");
+    assert!(!text.contains("panicked"), "{what}: {text}");
+    output.status.code()
+}
+
+#[test]
+fn closed_or_full_output_never_panics() {
+    let env = Env::new(64);
+    write_at(&env.image(), 0, &random_bytes(90, 2 * MIB as usize));
+    env.ok(&["send"]);
+    let sinks = [
+        (Sink::Broken, Sink::Read),
+        (Sink::Full, Sink::Read),
+        (Sink::Read, Sink::Broken),
+        (Sink::Read, Sink::Full),
+        (Sink::Broken, Sink::Broken),
+        (Sink::Full, Sink::Full),
+    ];
+    let sparsebak = env!("CARGO_BIN_EXE_sparsebak");
+    let commands: [&[&str]; 6] =
+        [&["verify"], &["list", VOL], &["send"], &["list", "no-such-volume"], &["version"], &["--help"]];
+    for (out, err) in sinks {
+        for args in commands {
+            let code = assert_no_panic(sparsebak, &sparsebak_words(&env, args)[1..], b"", out, err);
+            assert!(matches!(code, Some(0..=2)), "sparsebak {args:?} ({out:?}, {err:?}): exit {code:?}");
+        }
+    }
+    // The receiver: garbage on stdin makes it fail and say so; with both of
+    // its outputs gone (qrexec-client killed) it must still exit cleanly.
+    let receiver = std::path::PathBuf::from(sparsebak).with_file_name("sparsebak-vm");
+    let receiver = receiver.to_str().expect("path");
+    for (out, err) in sinks {
+        let code = assert_no_panic(receiver, &["serve".into()], &[0, 0, 0, 5, 1, 2, 3, 4, 5], out, err);
+        assert_eq!(code, Some(1), "sparsebak-vm serve ({out:?}, {err:?})");
+        assert_no_panic(receiver, &["version".into()], b"", out, err);
+    }
+}

@@ -13,7 +13,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use sparsebak_proto::layout::{self, ARCHIVE_FORMAT_VERSION};
 use sparsebak_proto::{names, Destination, VolumeRef};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Largest chunk file the receiver reads or sends back; matches the frame
@@ -123,7 +123,10 @@ fn ensure_format_marker(root: &Path) -> Result<()> {
         // Another receiver wrote it first (two pools sent to one archive).
         (Err(_), Ok(Some(text))) => check_marker(&path, &text),
         (Err(e), _) => {
-            eprintln!("sparsebak-vm: warning: {e:#}; the archive is taken as format version {ARCHIVE_FORMAT_VERSION}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "sparsebak-vm: warning: {e:#}; the archive is taken as format version {ARCHIVE_FORMAT_VERSION}"
+            );
             Ok(())
         }
     }

@@ -13,6 +13,7 @@ mod tar;
 mod writer_thread;
 
 use clap::Parser;
+use std::io::Write;
 use cli::{Cli, Command};
 
 /// Exit status for failures. qrexec reserves 125-127, so never use those.
@@ -24,13 +25,18 @@ fn main() {
         Command::Serve => {
             if let Err(e) = serve::serve_stdio() {
                 if !e.reported {
-                    eprintln!("sparsebak-vm: {:#}", e.error);
+                    // Both pipes may be gone (qrexec-client killed during a
+                    // send): say it if stderr still listens, never panic.
+                    let _ = writeln!(std::io::stderr(), "sparsebak-vm: {:#}", e.error);
                 }
                 std::process::exit(EXIT_FAILURE);
             }
         }
         Command::Version => {
-            println!("sparsebak-vm {} (protocol {})", env!("CARGO_PKG_VERSION"), sparsebak_proto::PROTOCOL_VERSION);
+            let version = format!("sparsebak-vm {} (protocol {})", env!("CARGO_PKG_VERSION"), sparsebak_proto::PROTOCOL_VERSION);
+            if writeln!(std::io::stdout(), "{version}").is_err() {
+                std::process::exit(EXIT_FAILURE);
+            }
         }
     }
 }

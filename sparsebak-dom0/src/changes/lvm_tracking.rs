@@ -80,12 +80,7 @@ impl<'a> TrackedVolume<'a> {
         let lvs = self.pool.list_lvs()?;
         let has = |n: &str| lvs.iter().any(|l| l.name == n);
         if !has(&self.name) {
-            anyhow::bail!(
-                "volume {}/{} does not exist (check [volumes] in the config; `lvs {}` lists them)",
-                self.pool.vg(),
-                self.name,
-                self.pool.vg()
-            );
+            return Err(self.pool.no_such_volume(&self.name));
         }
         match (has(&self.tick()), has(&self.tock())) {
             (true, true) => {

@@ -13,6 +13,7 @@
 use super::{prune, Ctx};
 use crate::chunk::{self, pipeline, ChunkCodec, ChunkFault};
 use crate::crypto::Keys;
+use crate::interrupt::{self, TempFileGuard};
 use crate::meta::{ChunkState, MergedEntry, MetaDir, SessionId, VolumeMeta};
 use crate::remote::{
     metafile::{self, MetaRef},
@@ -22,7 +23,7 @@ use crate::ui::{confirm, human_bytes, Progress};
 use anyhow::{anyhow, bail, Context, Result};
 use sparsebak_proto::{MetaFile, VolumeRef};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, TrySendError};
 use std::time::Instant;
@@ -58,7 +59,9 @@ fn run_on(ctx: &Ctx, mode: Mode, names: &[String]) -> Result<()> {
     let output = match mode {
         Mode::Receive => {
             let path = ctx.cli.save_to.as_deref().context("receive needs --save-to PATH")?;
-            Some(prepare_output(path, ctx.cli.unattended)?)
+            // Before any thread starts: see `interrupt`.
+            let guard = interrupt::watch()?;
+            Some(prepare_output(path, ctx.cli.unattended, guard)?)
         }
         Mode::Verify => None,
     };
@@ -141,9 +144,11 @@ struct RestoreJob {
 struct Output {
     dest: PathBuf,
     is_block_device: bool,
+    /// Removes the temporary file when the user interrupts.
+    guard: TempFileGuard,
 }
 
-fn prepare_output(path: &Path, unattended: bool) -> Result<Output> {
+fn prepare_output(path: &Path, unattended: bool, guard: TempFileGuard) -> Result<Output> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => Some(m),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -158,7 +163,7 @@ fn prepare_output(path: &Path, unattended: bool) -> Result<Output> {
             bail!("not overwriting {} (use -u to overwrite without asking)", path.display());
         }
     }
-    Ok(Output { dest: path.to_path_buf(), is_block_device })
+    Ok(Output { dest: path.to_path_buf(), is_block_device, guard })
 }
 
 /// A file being restored: temp file + rename for regular files, direct
@@ -168,6 +173,7 @@ struct Sink {
     tmp: Option<PathBuf>,
     dest: PathBuf,
     zeros: Vec<u8>,
+    guard: TempFileGuard,
 }
 
 impl Sink {
@@ -182,16 +188,18 @@ impl Sink {
             if dev_size < size {
                 bail!("block device {} holds {dev_size} bytes, the volume needs {size}", out.dest.display());
             }
-            return Ok(Sink { file, tmp: None, dest: out.dest.clone(), zeros: vec![0; chunk_size as usize] });
+            let zeros = vec![0; chunk_size as usize];
+            return Ok(Sink { file, tmp: None, dest: out.dest.clone(), zeros, guard: out.guard.clone() });
         }
         let name = out.dest.file_name().context("--save-to has no file name")?;
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(name);
         tmp_name.push(".sparsebak-tmp");
         let tmp = out.dest.with_file_name(tmp_name);
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let file = create_temp_file(&tmp)?;
+        out.guard.set(tmp.clone());
         file.set_len(size).with_context(|| format!("sizing {}", tmp.display()))?;
-        Ok(Sink { file, tmp: Some(tmp), dest: out.dest.clone(), zeros: Vec::new() })
+        Ok(Sink { file, tmp: Some(tmp), dest: out.dest.clone(), zeros: Vec::new(), guard: out.guard.clone() })
     }
 
     /// Zeros for `[from, to)`: nothing to do in a fresh sparse file; written
@@ -225,6 +233,7 @@ impl Sink {
         if let Some(tmp) = &self.tmp {
             std::fs::rename(tmp, &self.dest)
                 .with_context(|| format!("renaming {} to {}", tmp.display(), self.dest.display()))?;
+            self.guard.clear();
         }
         Ok(())
     }
@@ -232,8 +241,32 @@ impl Sink {
     fn discard(self) {
         if let Some(tmp) = &self.tmp {
             let _ = std::fs::remove_file(tmp);
+            self.guard.clear();
         }
     }
+}
+
+/// Creates the temporary file beside `--save-to` without ever following a
+/// link: root restoring into a folder that others can write must not be
+/// tricked into truncating the target of a link planted under that name.
+/// A regular file of that name is a killed receive's leftover and goes
+/// first; anything else is refused. Mode 0600: a disk image holds secrets.
+fn create_temp_file(tmp: &Path) -> Result<File> {
+    match std::fs::symlink_metadata(tmp) {
+        Ok(m) if m.file_type().is_file() => {
+            std::fs::remove_file(tmp).with_context(|| format!("removing the leftover {}", tmp.display()))?
+        }
+        Ok(_) => bail!("{} exists and is not a regular file (a link?); remove it or restore elsewhere", tmp.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", tmp.display())),
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(tmp)
+        .with_context(|| format!("creating {}", tmp.display()))
 }
 
 /// One chunk on its way through the checking workers.

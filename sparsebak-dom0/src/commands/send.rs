@@ -36,8 +36,9 @@ use std::time::Instant;
 pub fn run(ctx: &Ctx) -> Result<()> {
     let names = ctx.config.select_volumes(&ctx.cli.volumes, true)?;
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
-    let keys = archive_key::for_send(ctx.key_scope(), &meta, ctx.cli.passphrase_file.as_deref(), ctx.cli.unattended)?;
     let pool = ctx.thin_pool()?;
+    check_sources(ctx, pool.as_ref(), &names)?;
+    let keys = archive_key::for_send(ctx.key_scope(), &meta, ctx.cli.passphrase_file.as_deref(), ctx.cli.unattended)?;
     let mut rx = Receiver::connect(&ctx.config)?;
     let keys = keys.establish(ctx.key_scope(), &mut rx)?;
     for name in &names {
@@ -45,6 +46,30 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             .with_context(|| format!("sending {name}"))?;
     }
     rx.finish()
+}
+
+/// Checks that every volume to send exists before anything is written
+/// anywhere: a mistyped `localdir` or volume name must not first create an
+/// archive key, a session folder or a snapshot.
+fn check_sources(ctx: &Ctx, pool: Option<&ThinPool>, names: &[String]) -> Result<()> {
+    match (&ctx.config.source, pool) {
+        (SourceKind::Local { dir }, _) => {
+            if !dir.is_dir() {
+                bail!("localdir {} is not a folder (see {})", dir.display(), ctx.config.path.display());
+            }
+            for name in names {
+                ImageVolume::open(&dir.join(name)).with_context(|| format!("volume {name}"))?;
+            }
+        }
+        (SourceKind::Lvm { .. }, Some(pool)) => {
+            let lvs = pool.list_lvs()?;
+            if let Some(name) = names.iter().find(|name| !lvs.iter().any(|lv| lv.name == **name)) {
+                return Err(pool.no_such_volume(name));
+            }
+        }
+        (SourceKind::Lvm { .. }, None) => bail!("internal error: no thin pool for LVM volumes"),
+    }
+    Ok(())
 }
 
 /// Counts for the summary line and the info file.

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use nix::sys::termios::{self, LocalFlags, SetArg};
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::path::Path;
 use zeroize::Zeroizing;
 
@@ -55,8 +55,7 @@ fn prompt(question: &str) -> Result<Passphrase> {
     if !stdin.is_terminal() {
         bail!("a passphrase is needed and there is no terminal to ask for it: use --passphrase-file PATH");
     }
-    eprint!("{question}");
-    let _ = std::io::stderr().flush();
+    crate::ui::ask(question);
     let saved = termios::tcgetattr(&stdin).context("reading terminal settings")?;
     let mut quiet = saved.clone();
     quiet.local_flags.remove(LocalFlags::ECHO);
@@ -64,7 +63,7 @@ fn prompt(question: &str) -> Result<Passphrase> {
     let mut line = Zeroizing::new(String::new());
     let read = stdin.lock().read_line(&mut line);
     let _ = termios::tcsetattr(&stdin, SetArg::TCSANOW, &saved);
-    eprintln!();
+    crate::ui::ask("\n");
     read.context("reading the passphrase")?;
     let pass = line.trim_end_matches(['\n', '\r']);
     if pass.is_empty() {

@@ -11,13 +11,17 @@
 //!   missing logger must never make a backup fail.
 //! - `-q` keeps errors only (in both places), `-v` adds detail.
 
+use crate::ui::printable::printable_within;
 use log::{Level, LevelFilter, Log, Metadata, Record};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use syslog::{Facility, Formatter3164, LoggerBackend};
 
 type SyslogSink = syslog::Logger<LoggerBackend, Formatter3164>;
+
+/// The longest log message shown, in bytes.
+const MAX_LINE: usize = 4096;
 
 /// The program's logger: stderr, plus syslog when connected.
 struct Logger {
@@ -33,13 +37,22 @@ impl Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let line = stderr_line(record.level(), &record.args().to_string());
-        crate::ui::suspend(|| eprintln!("{line}"));
+        // Every line leaves on one line, printable and bounded, whatever
+        // text from outside it quotes (most is made printable where it
+        // enters already; this is the last line of defence).
+        let msg = printable_within(&record.args().to_string(), MAX_LINE);
+        let line = stderr_line(record.level(), &msg);
+        // A closed or full stderr (`sparsebak verify 2>&1 | head -1`,
+        // `2>/dev/full`) must not turn into a panic: the message is lost,
+        // the command goes on and its exit status still tells.
+        crate::ui::suspend(|| {
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        });
         if let Some(sink) = &self.syslog {
             // A sink that stops working must not stop the backup; the
             // message still reached stderr.
             let mut sink = sink.lock().unwrap_or_else(PoisonError::into_inner);
-            let _ = to_syslog(&mut sink, record.level(), &record.args().to_string());
+            let _ = to_syslog(&mut sink, record.level(), &msg);
         }
     }
 

@@ -8,5 +8,5 @@ mod prompt;
 mod size;
 
 pub use progress::{suspend, Progress};
-pub use prompt::confirm;
+pub use prompt::{ask, confirm};
 pub use size::human_bytes;

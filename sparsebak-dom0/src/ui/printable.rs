@@ -12,7 +12,13 @@ pub const MAX_SHOWN: usize = 1024;
 /// reorder or hide text (bidi overrides, zero-width), escaped as `\n`,
 /// `\x1b`, `\u{202e}`; at most [`MAX_SHOWN`] bytes, then how much was cut.
 pub fn printable(text: &str) -> String {
-    let mut out = String::with_capacity(text.len().min(MAX_SHOWN) + 32);
+    printable_within(text, MAX_SHOWN)
+}
+
+/// [`printable`] with another bound (a whole log line, which may quote
+/// several messages).
+pub fn printable_within(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 32);
     for (at, c) in text.char_indices() {
         let before = out.len();
         match c {
@@ -23,7 +29,7 @@ pub fn printable(text: &str) -> String {
             c if c.is_control() || is_invisible(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
             c => out.push(c),
         }
-        if out.len() > MAX_SHOWN {
+        if out.len() > max {
             out.truncate(before);
             out.push_str(&cut_note(text.len() - at));
             break;

@@ -221,6 +221,15 @@ impl ThinPool {
             .with_context(|| format!("listing logical volumes of {}", self.vg))
     }
 
+    /// The error for a configured volume that is not there.
+    pub fn no_such_volume(&self, name: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "volume {}/{name} does not exist (check [volumes] in the config; `lvs {}` lists them)",
+            self.vg,
+            self.vg
+        )
+    }
+
     /// The named LV, or None when it does not exist.
     pub fn lv(&self, name: &str) -> Result<Option<LvInfo>> {
         validate_lvm_name("logical volume", name)?;

@@ -324,3 +324,54 @@ fn receiver_listing_a_session_twice_is_refused() {
     assert!(err.contains("the receiver listed session") && err.contains("twice"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn qrexec_failures_are_explained() {
+    let env = Env::new(64);
+    write_at(&env.image(), 0, &random_bytes(16, MIB as usize));
+    env.ok(&["send"]);
+    write_at(&env.image(), 0, &random_bytes(17, MIB as usize));
+    let config = std::fs::read_to_string(env.config()).expect("config");
+    std::fs::write(env.config(), config.replace("destvm = none", "destvm = backupvm")).expect("config");
+    let bin = env.path("fake-qvm-run");
+    std::fs::create_dir(&bin).expect("mkdir");
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let cases = [
+        (127, "qubes.SparsebakStore is not installed in VM backupvm (install sparsebak-vm in its template)"),
+        (126, "the call of qubes.SparsebakStore in VM backupvm was refused by qrexec policy"),
+        (125, "qrexec could not reach VM backupvm (is it running?)"),
+        (3, "the receiver exited with exit status: 3"),
+    ];
+    for (code, expect) in cases {
+        let fake = bin.join("qvm-run");
+        std::fs::write(&fake, format!("#!/bin/sh\necho \"qvm-run: $*\" >&2\nexit {code}\n")).expect("write");
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let pass = format!("--passphrase-file={}", env.passphrase_file().display());
+        for args in [&["send", &pass][..], &["verify"][..]] {
+            let out = env.run_env(args, &[("PATH", &path)]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{code}: {args:?}");
+            assert!(err.contains(expect), "{code} {args:?}: {err}");
+            assert!(err.contains("receiver: qvm-run: --pass-io --service backupvm qubes.SparsebakStore"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn a_destination_the_receiver_may_not_write_gets_a_hint() {
+    // The receiver runs as an unprivileged user (as qrexec runs it in a
+    // backup VM) on a root-owned destination.
+    let h = Hostile::with_script(|real_vm, _| {
+        format!("exec setpriv --reuid=65534 --regid=65534 --clear-groups {} \"$@\"\n", real_vm.display())
+    });
+    for dir in [h.env.path(""), h.env.mnt()] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let config = std::fs::read_to_string(h.env.config()).expect("config");
+    std::fs::write(h.env.config(), config.replace("destdir = backups", "destdir = fresh")).expect("config");
+    let (ok, err) = h.run(&["send"]);
+    assert!(!ok, "send must fail");
+    assert!(err.contains("creating archive folder") && err.contains("Permission denied"), "{err}");
+    assert!(err.contains("sparsebak-vm runs as user nobody") && err.contains("chown nobody:"), "{err}");
+    assert!(err.contains("docs/INSTALL.md"), "{err}");
+}

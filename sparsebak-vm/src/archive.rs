@@ -16,6 +16,19 @@ use sparsebak_proto::{names, Destination, VolumeRef};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+/// What to do about a destination this process may not write: in a Qubes
+/// backup VM the service runs as the VM's default user, not root, and a
+/// freshly mounted disk belongs to root.
+fn permission_hint(root: &Path) -> String {
+    let uid = nix::unistd::Uid::effective();
+    let user = nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(|| uid.to_string(), |u| u.name);
+    format!(
+        " (sparsebak-vm runs as user {user}: make the destination writable for it, e.g. \
+         `sudo mkdir -p {0} && sudo chown {user}: {0}` after mounting; see docs/INSTALL.md)",
+        root.display()
+    )
+}
+
 /// Largest chunk file the receiver reads or sends back; matches the frame
 /// cap with room for the message header.
 pub const MAX_CHUNK_FILE: u64 = (sparsebak_proto::MAX_FRAME - 64) as u64;
@@ -45,7 +58,13 @@ impl Archive {
             );
         }
         let root = mount.join(&dest.dir);
-        std::fs::create_dir_all(&root).with_context(|| format!("creating archive folder {}", root.display()))?;
+        std::fs::create_dir_all(&root).map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => permission_hint(&root),
+                _ => String::new(),
+            };
+            anyhow!("creating archive folder {}: {e}{hint}", root.display())
+        })?;
         ensure_format_marker(&root)?;
         Ok(Archive { root })
     }

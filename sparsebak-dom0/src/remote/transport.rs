@@ -16,7 +16,7 @@ use sparsebak_proto::{read_msg, write_msg, Destination, FrameError, Request, Res
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,8 @@ fn local_receiver() -> Result<PathBuf> {
 /// A running receiver after a successful handshake.
 pub struct Receiver {
     child: Child,
+    /// Where it runs: turns qrexec's exit codes into advice.
+    dest: DestVm,
     /// Ends when the receiver's stderr does (see [`relay_stderr`]).
     stderr_done: mpsc::Receiver<()>,
     /// `[var] idletimeout`: also how long it may take to exit at the end.
@@ -196,6 +198,7 @@ impl Receiver {
         };
         let mut rx = Receiver {
             child,
+            dest: config.dest_vm.clone(),
             stderr_done: relay_stderr(stderr)?,
             limit: config.idle_timeout,
             requests: RequestSink { out: BufWriter::with_capacity(1 << 20, Idle::new(stdin, config.idle_timeout)?) },
@@ -233,17 +236,22 @@ impl Receiver {
         }
     }
 
+    /// Adds how the receiver ended to `e`, once it has (it usually has
+    /// when its stdout ended; it gets a moment to do so).
     fn with_exit_status(&mut self, e: anyhow::Error) -> anyhow::Error {
-        match self.child.try_wait() {
-            Ok(Some(status)) => {
-                // Show what it said on its way out before our own error.
-                let _ = self.stderr_done.recv_timeout(STDERR_GRACE);
-                match status.success() {
-                    true => e,
-                    false => e.context(format!("the receiver exited with {status}")),
-                }
+        let deadline = Instant::now() + STDERR_GRACE;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                _ => return e,
             }
-            _ => e,
+        };
+        // Show what it said on its way out before our own error.
+        let _ = self.stderr_done.recv_timeout(STDERR_GRACE);
+        match status.success() {
+            true => e,
+            false => e.context(how_it_ended(&self.dest, status)),
         }
     }
 
@@ -258,14 +266,15 @@ impl Receiver {
     /// Splits off the two halves for pipelined use (receive/verify): one
     /// thread sends requests while another reads answers.
     pub fn split(self) -> (RequestSink, ResponseSource, ReceiverProcess) {
-        let Receiver { child, stderr_done, limit, requests, responses } = self;
-        (requests, responses, ReceiverProcess { child, stderr_done, limit })
+        let Receiver { child, dest, stderr_done, limit, requests, responses } = self;
+        (requests, responses, ReceiverProcess { child, dest, stderr_done, limit })
     }
 }
 
 /// The receiver's process after `split`: killed if dropped before `finish`.
 pub struct ReceiverProcess {
     child: Child,
+    dest: DestVm,
     stderr_done: mpsc::Receiver<()>,
     limit: Duration,
 }
@@ -291,7 +300,7 @@ impl ReceiverProcess {
             if let Some(status) = self.child.try_wait().context("waiting for the receiver")? {
                 let _ = self.stderr_done.recv_timeout(STDERR_GRACE);
                 if !status.success() {
-                    bail!("the receiver exited with {status}");
+                    bail!("{}", how_it_ended(&self.dest, status));
                 }
                 return Ok(());
             }
@@ -311,6 +320,23 @@ impl ReceiverProcess {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Why the receiver's process failed, in the user's terms. `qvm-run`
+/// reports qrexec's own failures with exit codes that `sparsebak-vm` never
+/// uses (it exits with 1).
+fn how_it_ended(dest: &DestVm, status: ExitStatus) -> String {
+    match (dest, status.code()) {
+        (DestVm::Qubes(vm), Some(127)) => {
+            format!("{QREXEC_SERVICE} is not installed in VM {vm} (install sparsebak-vm in its template)")
+        }
+        (DestVm::Qubes(vm), Some(126)) => format!(
+            "the call of {QREXEC_SERVICE} in VM {vm} was refused by qrexec policy \
+             (see /etc/qubes/policy.d/50-sparsebak.policy)"
+        ),
+        (DestVm::Qubes(vm), Some(125)) => format!("qrexec could not reach VM {vm} (is it running?)"),
+        _ => format!("the receiver exited with {status}"),
     }
 }
 

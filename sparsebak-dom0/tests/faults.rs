@@ -5,6 +5,7 @@
 mod common;
 use common::*;
 use std::path::PathBuf;
+use std::process::Command;
 
 /// Two sessions; returns the chunk files of the second one.
 fn two_sessions(env: &Env) -> (Vec<String>, Vec<PathBuf>) {
@@ -244,4 +245,34 @@ fn interrupted_receive_removes_its_temporary_file() {
         assert!(!tmp.exists(), "SIG{signal}: temporary file removed");
         assert!(!dest.exists(), "SIG{signal}: nothing at --save-to");
     }
+}
+
+/// verify reports a session folder that dom0 never recorded, and an info
+/// copy that is not dom0's (longer or shorter) as differing from dom0's record.
+#[test]
+fn verify_reports_unrecorded_sessions_and_stale_metadata() {
+    let env = Env::new(64);
+    env.write_config_with(&env.mnt(), &[(VOL, "enable")], "encryption = off\n");
+    let (sessions, _) = two_sessions(&env);
+    let vol = env.archive_volume_dir();
+    let planted = vol.join("S_20991231-000000");
+    let copied = Command::new("cp").arg("-a").arg(vol.join(format!("S_{}", sessions[1]))).arg(&planted).status();
+    assert!(copied.expect("cp").success());
+    let err = env.fails(&["verify", VOL]);
+    assert!(err.contains("the archive holds session 20991231-000000 that dom0 has no record of"), "{err}");
+    std::fs::remove_dir_all(&planted).expect("remove planted");
+    env.ok(&["verify", VOL]);
+
+    let info = vol.join(format!("S_{}", sessions[1])).join("info");
+    let original = std::fs::read(&info).expect("info");
+    let mut longer = original.clone();
+    longer.extend_from_slice(b"chunks=999999999\n");
+    for (copy, how) in [(longer, "it is longer"), (original[..original.len() - 3].to_vec(), "it is shorter")] {
+        std::fs::write(&info, &copy).expect("write info");
+        let err = env.fails(&["verify", VOL]);
+        assert!(err.contains("in the archive differs from dom0's record") && err.contains(how), "{err}");
+        assert!(!err.contains("is larger than"), "{err}");
+    }
+    std::fs::write(&info, &original).expect("restore info");
+    env.ok(&["verify", VOL]);
 }

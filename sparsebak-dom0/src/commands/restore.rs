@@ -89,8 +89,14 @@ fn run_on(ctx: &Ctx, mode: Mode, names: &[String]) -> Result<()> {
             None => sessions.len() - 1,
         };
         let upto = sessions[..=target].to_vec();
-        rollback::check(&volume, &sessions, &rollback::archive_sessions(&mut rx, &volume)?)?;
+        let archive = rollback::archive_sessions(&mut rx, &volume)?;
+        rollback::check(&volume, &sessions, &archive)?;
         if mode == Mode::Verify {
+            for s in rollback::unrecorded(&sessions, &archive) {
+                let line = format!("{name}: the archive holds session {} that dom0 has no record of", s.date_time());
+                log::error!("{line}");
+                failures.push(line);
+            }
             failures.extend(check_metadata(&mut rx, &vm, keys.as_ref(), &volume, &upto)?);
         }
         let job = RestoreJob { info: vm.info(&upto[target])?, merged: vm.merged(&upto)?, sessions: upto, volume };

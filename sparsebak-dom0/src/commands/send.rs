@@ -236,7 +236,7 @@ fn reconcile(vm: &VolumeMeta, rx: &mut Receiver, volume: &VolumeRef) -> Result<V
         }
     }
     let known = vm.sessions()?;
-    for s in archive.iter().filter(|s| !known.contains(s)) {
+    for s in rollback::unrecorded(&known, &archive) {
         log::warn!("{}: the archive holds session {s} that dom0 has no record of; it is ignored", volume.name);
     }
     Ok(archive)

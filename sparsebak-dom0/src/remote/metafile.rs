@@ -105,10 +105,22 @@ pub fn seal_single(m: MetaRef, data: Vec<u8>) -> Result<Vec<u8>> {
 
 /// Fetches a committed session's file from the archive and hands its
 /// (opened) pieces to `sink`, refusing more than `max_len` bytes.
-pub fn fetch(rx: &mut Receiver, m: MetaRef, max_len: u64, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+pub fn fetch(rx: &mut Receiver, m: MetaRef, max_len: u64, sink: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    let too_large = || bad(format!("{} is larger than {max_len} bytes", m.label()));
+    fetch_bounded(rx, m, max_len, too_large, sink)
+}
+
+/// [`fetch`], with the error for a file longer than `max_len`.
+fn fetch_bounded(
+    rx: &mut Receiver,
+    m: MetaRef,
+    max_len: u64,
+    too_large: impl Fn() -> anyhow::Error,
+    mut sink: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
     let mut read_at = |offset: u64| -> Result<Vec<u8>> {
         if offset > max_len + META_PIECE as u64 {
-            return Err(bad(format!("{} is larger than {max_len} bytes", m.label())));
+            return Err(too_large());
         }
         match rx.read_meta(m.volume, m.session, m.file, offset)? {
             Ok(d) if d.len() <= META_PIECE => Ok(d),
@@ -130,7 +142,7 @@ pub fn fetch(rx: &mut Receiver, m: MetaRef, max_len: u64, mut sink: impl FnMut(&
         };
         total += plain.len() as u64;
         if total > max_len {
-            return Err(bad(format!("{} is larger than {max_len} bytes", m.label())));
+            return Err(too_large());
         }
         sink(&plain)?;
         if last {
@@ -148,9 +160,10 @@ pub fn compare(rx: &mut Receiver, m: MetaRef, path: &Path) -> Result<()> {
         std::io::BufReader::new(std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?);
     let len = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?.len();
     let mut buf = Vec::new();
-    fetch(rx, m, len, |piece| {
+    let longer = || bad(format!("{} in the archive differs from dom0's record (it is longer)", m.label()));
+    fetch_bounded(rx, m, len, longer, |piece| {
         buf.resize(piece.len(), 0);
-        mine.read_exact(&mut buf).map_err(|_| bad(format!("{} in the archive is longer than dom0's", m.label())))?;
+        mine.read_exact(&mut buf).map_err(|_| longer())?;
         if buf != piece {
             return Err(bad(format!("{} in the archive differs from dom0's record", m.label())));
         }
@@ -158,7 +171,10 @@ pub fn compare(rx: &mut Receiver, m: MetaRef, path: &Path) -> Result<()> {
     })?;
     let mut rest = [0u8; 1];
     if mine.read(&mut rest).with_context(|| format!("reading {}", path.display()))? != 0 {
-        return Err(bad(format!("{} in the archive is shorter than dom0's record (truncated?)", m.label())));
+        return Err(bad(format!(
+            "{} in the archive differs from dom0's record (it is shorter: truncated?)",
+            m.label()
+        )));
     }
     Ok(())
 }

@@ -31,6 +31,13 @@ pub fn archive_sessions(rx: &mut Receiver, volume: &VolumeRef) -> Result<Vec<Ses
     Ok(sessions)
 }
 
+/// The archive's sessions that dom0 has no record of: committed by a send
+/// that was interrupted before dom0 recorded it (the next send adopts it or
+/// leaves it be), or put there behind dom0's back. Nothing ever reads them.
+pub fn unrecorded<'a>(dom0: &'a [SessionId], archive: &'a [SessionId]) -> impl Iterator<Item = &'a SessionId> {
+    archive.iter().filter(|s| !dom0.contains(s))
+}
+
 /// Fails when the archive holds sessions of the volume but not dom0's newest.
 pub fn check(volume: &VolumeRef, dom0: &[SessionId], archive: &[SessionId]) -> Result<()> {
     let Some(newest) = dom0.last() else { return Ok(()) };

@@ -24,6 +24,33 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A volume in a sub-folder of `localdir` (`appvms/work/private.img`, as a
+/// Qubes file-reflink pool keeps them): a relative path of plain
+/// components, each a valid volume name without `+`. A name without `/` is
+/// checked as [`validate_volume_name`].
+pub fn validate_volume_path(path: &str) -> Result<()> {
+    if !path.contains('/') {
+        return validate_volume_name(path);
+    }
+    for part in path.split('/') {
+        validate_volume_name(part).map_err(|e| anyhow::anyhow!("invalid volume path {path:?}: {e}"))?;
+        if part.contains('+') {
+            bail!("invalid volume path {path:?}: a folder or file name in a path must not contain '+'");
+        }
+    }
+    validate_volume_name(&volume_folder_name(path)).map_err(|e| anyhow::anyhow!("invalid volume path {path:?}: {e}"))
+}
+
+/// The one folder name a volume has in the archive and in dom0's metadata:
+/// its path with each `/` as `+` (`appvms/work/private.img` ->
+/// `appvms+work+private.img`). The receiver's checks stay those of
+/// [`validate_volume_name`]; paths cannot hold `+`, so two different paths
+/// never share a folder (a plain name with `+` could equal a path's: the
+/// config refuses that pair).
+pub fn volume_folder_name(path: &str) -> String {
+    path.replace('/', "+")
+}
+
 /// A pool folder name `VG%POOL`: two valid names joined by one `%`.
 pub fn validate_pool_dir(pool: &str) -> Result<()> {
     match pool.split_once('%') {
@@ -81,6 +108,30 @@ impl crate::msg::VolumeRef {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn volume_paths() {
+        assert!(validate_volume_path("appvms/work/private.img").is_ok());
+        assert_eq!(volume_folder_name("appvms/work/private.img"), "appvms+work+private.img");
+        assert_eq!(volume_folder_name("disk+1.img"), "disk+1.img");
+        assert!(validate_volume_path("disk+1.img").is_ok());
+        for bad in [
+            "/etc/shadow",
+            "appvms/../x",
+            "appvms/./x",
+            "appvms//x",
+            "appvms/x/",
+            "appvms/.hidden/x",
+            "a+b/c",
+            "appvms/-x",
+            "appvms/wo rk/x",
+            "",
+        ] {
+            assert!(validate_volume_path(bad).is_err(), "{bad}");
+        }
+        let long = format!("{}/{}", "a".repeat(60), "b".repeat(60));
+        assert!(validate_volume_path(&long).is_err(), "the folder name must fit");
+    }
+
     use super::*;
 
     #[test]

@@ -148,8 +148,12 @@ impl Config {
         };
         let mut volumes = Vec::new();
         if let Some(vols) = ini.section(Some("volumes")) {
+            let mut folders = std::collections::HashMap::new();
             for (name, value) in vols.iter() {
-                names::validate_volume_name(name).with_context(|| format!("[volumes] {name}"))?;
+                validate_volume_for(&source, name).with_context(|| format!("[volumes] {name}"))?;
+                if let Some(other) = folders.insert(names::volume_folder_name(name), name) {
+                    bail!("[volumes] {other} and {name} would share one folder in the archive");
+                }
                 let enabled = match value {
                     "enable" | "enabled" => true,
                     "disable" | "disabled" => false,
@@ -193,6 +197,12 @@ impl Config {
         Ok(name)
     }
 
+    /// Checks a volume name given on the command line as this config's
+    /// source allows it.
+    pub fn validate_volume(&self, name: &str) -> Result<()> {
+        validate_volume_for(&self.source, name)
+    }
+
     /// The volumes a command works on: the named ones (each must be listed,
     /// and enabled when `need_enabled`), or every enabled one.
     pub fn select_volumes(&self, named: &[String], need_enabled: bool) -> Result<Vec<String>> {
@@ -213,6 +223,15 @@ impl Config {
             }
         }
         Ok(named.to_vec())
+    }
+}
+
+/// LVM volumes are LV names; image files may sit in sub-folders of
+/// `localdir` (see [`names::validate_volume_path`]).
+fn validate_volume_for(source: &SourceKind, name: &str) -> Result<()> {
+    match source {
+        SourceKind::Lvm { .. } => names::validate_volume_name(name),
+        SourceKind::Local { .. } => names::validate_volume_path(name),
     }
 }
 
@@ -327,6 +346,21 @@ mod tests {
             assert!(e.contains("chunksize") && e.contains("a power of two from 64K to 4M"), "{bad}: {e}");
         }
         assert_eq!(parse(&text.replace("256K", "4M")).expect("4M").chunk_size, 4 << 20);
+    }
+
+    #[test]
+    fn image_volumes_may_sit_in_sub_folders() {
+        let text = "[var]\nlocaldir = /var/lib/qubes\ndestvm = none\ndestmountpoint = /mnt\ndestdir = b\n[volumes]\nappvms/work/private.img = enable\n";
+        let c = parse(text).expect("valid");
+        assert_eq!(c.volumes, [("appvms/work/private.img".to_string(), true)]);
+        assert!(c.validate_volume("vm-templates/fedora/root.img").is_ok());
+        assert!(c.validate_volume("appvms/../x").is_err());
+        let e = err_of(&format!("{text}appvms+work+private.img = enable\n"));
+        assert!(e.contains("would share one folder"), "{e}");
+        let e = err_of(&text.replace("appvms/work/private.img", "appvms/.work/private.img"));
+        assert!(e.contains("[volumes] appvms/.work/private.img"), "{e}");
+        // LVM volumes are LV names: no paths.
+        assert!(err_of(&format!("{LVM}appvms/work = enable\n")).contains("appvms/work"));
     }
 
     #[test]

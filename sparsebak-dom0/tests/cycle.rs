@@ -160,3 +160,43 @@ fn receive_onto_a_block_device_overwrites_old_data() {
     let _ = std::process::Command::new("losetup").args(["-d", &dev2]).status();
     assert!(err.contains("holds") && err.contains("needs"), "{err}");
 }
+
+/// Volumes in sub-folders of `localdir`, as a Qubes file-reflink pool keeps
+/// them: every command takes the path; the archive and dom0's metadata
+/// hold each under one folder name (`appvms+work+private.img`).
+#[test]
+fn volumes_in_sub_folders_work_with_every_command() {
+    let env = Env::new(64);
+    let (work, root) = ("appvms/work/private.img", "vm-templates/fedora/root.img");
+    for (vol, seed) in [(work, 20), (root, 21)] {
+        let path = env.path("images").join(vol);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        write_at(&path, 0, &random_bytes(seed, 2 * MIB as usize));
+    }
+    env.write_config(&env.mnt(), &[(work, "enable"), (root, "enable")]);
+    env.ok(&["send"]);
+    write_at(&env.path("images").join(work), MIB, &random_bytes(22, 4096));
+    env.ok(&["send", work]);
+    let archive_pool = env.mnt().join("backups/local%images");
+    assert!(archive_pool.join("appvms+work+private.img").is_dir());
+    assert!(archive_pool.join("vm-templates+fedora+root.img").is_dir());
+    assert!(env.path("meta/local%images/appvms+work+private.img").is_dir());
+
+    let listed = env.ok(&["list"]);
+    assert!(listed.contains("appvms/work/private.img  sessions=2"), "{listed}");
+    assert!(listed.contains("vm-templates/fedora/root.img  sessions=1"), "{listed}");
+    assert!(!listed.contains('+'), "listed under the configured names: {listed}");
+    env.ok(&["verify", work]);
+    let out = env.path("out/work.img");
+    env.ok(&["receive", work, "-u", &format!("--save-to={}", out.display())]);
+    assert_same_file(&env.path("images").join(work), &out);
+    let first = env.ok(&["list", work]).lines().next().expect("a session").split_whitespace().next().map(String::from);
+    env.ok(&["prune", work, &format!("--session={}", first.expect("date"))]);
+    env.ok(&["verify", work]);
+    env.ok(&["delete", "-u", root]);
+    assert!(!archive_pool.join("vm-templates+fedora+root.img").exists());
+    for bad in ["appvms/../x.img", "/etc/shadow"] {
+        let err = env.fails(&["list", bad]);
+        assert!(err.contains("invalid volume"), "{bad}: {err}");
+    }
+}

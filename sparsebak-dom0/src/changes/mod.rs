@@ -2,9 +2,10 @@
 //!
 //! - [`DeltaMap`] (`deltamap.rs`): one bit per archive chunk, crash-safe on
 //!   disk;
-//! - [`TrackedVolume`] (`lvm_tracking.rs`): short-lived tick/tock thin
-//!   snapshots compared by `thin_delta`, folded into the delta map by
-//!   `monitor`/`send`;
+//! - [`TrackedVolume`] (`tracking.rs`): short-lived tick/tock copies of a
+//!   volume, compared and folded into the delta map by `monitor`/`send`; the
+//!   copies are LVM thin snapshots compared by `thin_delta`
+//!   (`lvm_tracking.rs`);
 //! - [`ScanJobs`] (`scan.rs`): the chunks to read, in address order, each
 //!   paired with what the archive already holds there, for the chunk
 //!   pipeline in [`crate::chunk`].
@@ -12,7 +13,8 @@
 mod deltamap;
 mod lvm_tracking;
 mod scan;
+mod tracking;
 
 pub use deltamap::{DeltaMap, LoadError};
-pub use lvm_tracking::{ArchiveState, MonitorOutcome, TrackedVolume};
 pub use scan::{Candidates, ScanJobs};
+pub use tracking::{ArchiveState, MonitorOutcome, TrackedVolume};

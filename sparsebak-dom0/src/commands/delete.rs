@@ -21,7 +21,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     }
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
     for name in &ctx.cli.volumes {
-        sparsebak_proto::names::validate_volume_name(name)?;
+        ctx.config.validate_volume(name)?;
         let vm = meta.volume(&ctx.pool_dir, name);
         let configured = ctx.config.volumes.iter().any(|(n, _)| n == name);
         if !vm.exists() && !configured {

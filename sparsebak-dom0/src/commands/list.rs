@@ -11,11 +11,18 @@ use crate::meta::MetaDir;
 use crate::source::lvm::ThinPool;
 use crate::ui::human_bytes;
 use anyhow::Result;
+use sparsebak_proto::names::volume_folder_name;
 
 pub fn run(ctx: &Ctx) -> Result<()> {
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
     if ctx.cli.volumes.is_empty() {
-        let mut names = meta.volumes_with_metadata(&ctx.pool_dir)?;
+        // Metadata folders under the configured name they belong to.
+        let configured_as = |folder: String| {
+            let found = ctx.config.volumes.iter().find(|(n, _)| volume_folder_name(n) == folder);
+            found.map_or(folder, |(n, _)| n.clone())
+        };
+        let mut names: Vec<String> =
+            meta.volumes_with_metadata(&ctx.pool_dir)?.into_iter().map(configured_as).collect();
         names.extend(ctx.config.volumes.iter().map(|(n, _)| n.clone()));
         names.sort();
         names.dedup();
@@ -43,7 +50,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         return Ok(());
     }
     for name in &ctx.cli.volumes {
-        sparsebak_proto::names::validate_volume_name(name)?;
+        ctx.config.validate_volume(name)?;
         let vm = meta.volume(&ctx.pool_dir, name);
         let sessions = vm.sessions()?;
         if sessions.is_empty() {

@@ -39,8 +39,9 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The volume as the archive names it (its folder name).
     pub fn volume_ref(&self, name: &str) -> VolumeRef {
-        VolumeRef { pool: self.pool_dir.clone(), name: name.to_string() }
+        VolumeRef { pool: self.pool_dir.clone(), name: sparsebak_proto::names::volume_folder_name(name) }
     }
 
     /// The thin pool of an LVM config, checked to exist; `None` for image

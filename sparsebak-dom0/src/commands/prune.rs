@@ -55,7 +55,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let mut rx = Receiver::connect(&ctx.config)?;
     let mut pruned = 0;
     for name in &names {
-        sparsebak_proto::names::validate_volume_name(name)?;
+        ctx.config.validate_volume(name)?;
         let vm = meta.volume(&ctx.pool_dir, name);
         if !vm.exists() {
             bail!("volume {name:?} has no sessions in {}", ctx.config.meta_dir.display());

@@ -88,7 +88,7 @@ fn discard_partial_recover(meta: &MetaDir, ctx: &Ctx, marker: &Path, key_path: &
     };
     log::warn!("an earlier recover did not finish; discarding its partial metadata and starting over");
     for name in text.lines() {
-        sparsebak_proto::names::validate_volume_name(name)
+        sparsebak_proto::names::validate_volume_path(name)
             .with_context(|| format!("{} names a bad volume", marker.display()))?;
         meta.delete_volume(&ctx.pool_dir, name)?;
     }

@@ -70,7 +70,7 @@ fn run_on(ctx: &Ctx, mode: Mode, names: &[String]) -> Result<()> {
     let wanted = ctx.session_option()?;
     let mut failures = Vec::new();
     for name in names {
-        sparsebak_proto::names::validate_volume_name(name)?;
+        ctx.config.validate_volume(name)?;
         let vm = meta.volume(&ctx.pool_dir, name);
         if !vm.exists() {
             bail!("volume {name:?} has no sessions in {}", ctx.config.meta_dir.display());

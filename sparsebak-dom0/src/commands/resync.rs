@@ -24,7 +24,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         };
         let cs = vm.info(latest)?.chunk_size;
         let tracked = TrackedVolume::new(&pool, name, vm.deltamap_path());
-        let mut tick = ImageVolume::open(&tracked.tick_device()?)?;
+        let mut tick = ImageVolume::open(&tracked.tick_path()?)?;
         let mut map = tracked.map_for_resync(cs, tick.size())?;
         let before = map.count_marked();
         let jobs = ScanJobs::new(&mut tick, vm.merged(&sessions)?, Candidates::AllData, cs, false);

@@ -122,7 +122,7 @@ fn send_volume(
             };
             let mut t = tracked_volume.begin_send(chunk_size, archive)?;
             let candidates = t.take_candidates()?;
-            let source = ImageVolume::open(&t.device()?)?;
+            let source = ImageVolume::open(&t.path()?)?;
             tracked = Some(t);
             (source, candidates)
         }

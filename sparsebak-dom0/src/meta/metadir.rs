@@ -56,10 +56,13 @@ impl MetaDir {
         Ok(MetaDir { root: root.to_path_buf(), _lock: lock })
     }
 
+    /// A volume's metadata, under its folder name (see
+    /// [`sparsebak_proto::names::volume_folder_name`]).
     pub fn volume(&self, pool_dir: &str, name: &str) -> VolumeMeta {
+        let folder = sparsebak_proto::names::volume_folder_name(name);
         VolumeMeta {
-            dir: self.root.join(pool_dir).join(name),
-            deltamap: self.root.join(pool_dir).join(format!("{name}.deltamap")),
+            dir: self.root.join(pool_dir).join(&folder),
+            deltamap: self.root.join(pool_dir).join(format!("{folder}.deltamap")),
         }
     }
 
@@ -68,8 +71,9 @@ impl MetaDir {
     /// so a kill midway never leaves a volume with half its sessions.
     pub fn delete_volume(&self, pool_dir: &str, name: &str) -> Result<()> {
         let pool = self.root.join(pool_dir);
-        let dir = pool.join(name);
-        let doomed = pool.join(layout::deleted_name(name));
+        let folder = sparsebak_proto::names::volume_folder_name(name);
+        let dir = pool.join(&folder);
+        let doomed = pool.join(layout::deleted_name(&folder));
         if doomed.exists() {
             fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
         }

@@ -317,18 +317,6 @@ impl ThinPool {
         Ok(())
     }
 
-    /// Makes `src` take the place of `dst` (`VOL.tock` becomes `VOL.tick`):
-    /// removes `dst` if present, then renames. Between the two steps only
-    /// `src` exists; a caller that finds "tick missing, tock present" after a
-    /// crash can finish the job by calling this again, provided it saved the
-    /// delta map before the first call.
-    pub fn replace_lv(&self, src: &str, dst: &str) -> Result<()> {
-        if self.lv(dst)?.is_some() {
-            self.remove_lv(dst)?;
-        }
-        self.rename_lv(src, dst)
-    }
-
     /// Activates (`lvchange -ay -K`, also for skip-flagged snapshots) or
     /// deactivates an LV.
     pub fn set_active(&self, name: &str, active: bool) -> Result<()> {

@@ -25,6 +25,16 @@ pub const STOP_STATUS: i32 = 86;
 static STEPS: AtomicU64 = AtomicU64::new(0);
 static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
 
+/// A step of `sparsebak` (dom0): see [`step`].
+pub fn dom0_step(what: &str) {
+    step(DOM0_VAR, what);
+}
+
+/// A step of `sparsebak-vm` (the receiver): see [`step`].
+pub fn receiver_step(what: &str) {
+    step(RECEIVER_VAR, what);
+}
+
 /// Counts one step; stops the process if `var` asks to stop here.
 pub fn step(var: &str, what: &str) {
     let limit = *LIMIT.get_or_init(|| std::env::var(var).ok().and_then(|v| v.trim().parse().ok()));

@@ -40,9 +40,7 @@ const ADDRS: &str = "prune.addrs";
 /// like `ADDRS`).
 const NEW_SUFFIX: &str = ".prune-new";
 
-fn step(what: &str) {
-    testhook::step(testhook::RECEIVER_VAR, what);
-}
+use testhook::receiver_step as step;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {

@@ -20,6 +20,7 @@
 
 use super::{Candidates, DeltaMap, LoadError};
 use anyhow::{Context, Result};
+use sparsebak_proto::testhook::dom0_step as step;
 use std::path::{Path, PathBuf};
 
 /// Which of a volume and its two copies exist.
@@ -67,10 +68,6 @@ pub trait Snapshots {
     fn tock_name(&self, volume: &str) -> String;
     /// The error for a volume that does not exist.
     fn no_such_volume(&self, volume: &str) -> anyhow::Error;
-}
-
-fn step(what: &str) {
-    sparsebak_proto::testhook::step(sparsebak_proto::testhook::DOM0_VAR, what);
 }
 
 pub struct TrackedVolume<'a> {

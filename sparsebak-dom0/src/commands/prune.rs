@@ -28,7 +28,7 @@
 use super::Ctx;
 use crate::crypto::Keys;
 use crate::meta::{
-    prune_journal::{self, merged_path, test_step as step, JournalState, PruneJournal},
+    prune_journal::{self, merged_path, JournalState, PruneJournal},
     ChunkState, ManifestWriter, MetaDir, Origin, SessionId, SessionInfo, VolumeMeta,
 };
 use crate::remote::{
@@ -37,6 +37,7 @@ use crate::remote::{
 };
 use anyhow::{bail, Context, Result};
 use sparsebak_fsutil::write_file_durably;
+use sparsebak_proto::testhook::dom0_step as step;
 use sparsebak_proto::{MetaFile, VolumeRef};
 use std::time::Instant;
 

@@ -19,18 +19,12 @@ use crate::meta::SessionId;
 use crate::meta::VolumeMeta;
 use anyhow::{anyhow, bail, Context, Result};
 use sparsebak_fsutil::{fsync_dir, with_suffix, write_file_durably};
+use sparsebak_proto::testhook::dom0_step;
 use sparsebak_proto::{layout, MetaFile};
 use std::fs;
 use std::path::PathBuf;
 
 const MERGED_SUFFIX: &str = "merged";
-
-/// The crash-test hook of dom0's journaled operations (see
-/// `sparsebak_proto::testhook`: `SPARSEBAK_TEST_STOP_AFTER=N` stops the
-/// process at the N-th step).
-pub fn test_step(what: &str) {
-    sparsebak_proto::testhook::step(sparsebak_proto::testhook::DOM0_VAR, what);
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JournalState {
@@ -117,7 +111,7 @@ pub fn settle_local(vm: &VolumeMeta) -> Result<()> {
         }
     }
     fsync_dir(&into_dir)?;
-    test_step("merged metadata installed");
+    dom0_step("merged metadata installed");
     let pruned_dir = vm.session_dir(&j.pruned);
     let gone = with_suffix(&pruned_dir, layout::PRUNED_SUFFIX);
     if pruned_dir.exists() {

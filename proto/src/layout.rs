@@ -11,6 +11,7 @@
 //!                                   /manifest
 //!                                   /<first 9 hex digits>/x<16 hex digits of the byte address>
 //!                                   /chunks.tar         (tar sessions)
+//!                                   /chunks.tar.idx     (its index, receiver only)
 //! ```
 
 /// Prefix of a session folder name (`S_YYYYMMDD-HHMMSS`).
@@ -39,6 +40,10 @@ pub const MANIFEST_FILE: &str = "manifest";
 
 /// The tar stream of a `--tarfile` session.
 pub const TAR_FILE: &str = "chunks.tar";
+
+/// The index of a tar session's [`TAR_FILE`], beside it: where each chunk
+/// lies in the tar, sorted by address (only the receiver reads it).
+pub const TAR_INDEX_FILE: &str = "chunks.tar.idx";
 
 /// The archive-level format marker in the archive root.
 pub const FORMAT_MARKER: &str = ".sparsebak-format";

@@ -1,8 +1,10 @@
 //! Reading one stored chunk of a committed session, whatever its format: a
-//! chunk file, or a member of the session's tar. A tar session's index is
-//! built on first use and kept for the next requests; only a few indexes
-//! are kept at once, so memory stays bounded however many sessions a
-//! restore touches.
+//! chunk file, or a member of the session's tar. A tar session's index
+//! (`tar.rs`: a sorted file beside the tar, searched on disk) is opened on
+//! first use and kept open for the next requests. An open index holds two
+//! files and a few numbers, never anything per chunk, so memory stays
+//! bounded whatever the volume's size; a few sessions are kept at once, so
+//! it stays bounded however many sessions a restore touches.
 
 use crate::archive::{chunk_path, MAX_CHUNK_FILE};
 use crate::tar::TarIndex;
@@ -12,8 +14,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-/// Tar indexes kept at once (most recently used last).
-const CACHED_SESSIONS: usize = 4;
+/// Sessions kept at once (most recently used last): at most two open files
+/// each. Opening an index again costs a pass over it (its check), so more
+/// are kept than the in-memory indexes of before could afford.
+const CACHED_SESSIONS: usize = 16;
 
 #[derive(Default)]
 pub struct ChunkSource {

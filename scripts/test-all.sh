@@ -15,7 +15,15 @@ echo "== installing test dependencies"
 bash tests/vm/setup-vm
 need=()
 command -v fallocate >/dev/null || need+=(util-linux)
+command -v setpriv >/dev/null || need+=(util-linux)
 command -v zstd >/dev/null || need+=(zstd)
+command -v tar >/dev/null || need+=(tar)
+command -v python3 >/dev/null || need+=(python3)
+# Real Btrfs and XFS on loop devices: the reflink crate's tests and the
+# reflink change-tracking tests (xfs_io copies ranges in by reflink).
+command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
+command -v xfs_io >/dev/null || need+=(xfsprogs)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null

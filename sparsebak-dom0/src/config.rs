@@ -25,6 +25,7 @@ const VAR_KEYS: &[&str] = &[
     "chunksize",
     "idletimeout",
     "encryption",
+    "reflink",
 ];
 
 /// Default for `[var] idletimeout`: how long dom0 waits for the receiver to
@@ -72,6 +73,10 @@ pub struct Config {
     /// encrypted. An existing archive keeps the mode it was created with;
     /// the config must agree with it.
     pub encryption: bool,
+    /// `[var] reflink = on|off` (default on): with `localdir` on a
+    /// filesystem with reflinks, track image volumes by reflink copies
+    /// (see `changes/reflink_tracking.rs`); off compares them in full.
+    pub reflink: bool,
     /// `[volumes]` in file order: (name, enabled).
     pub volumes: Vec<(String, bool)>,
 }
@@ -141,11 +146,8 @@ impl Config {
                 ),
             },
         };
-        let encryption = match var.get("encryption").map(str::trim) {
-            None | Some("on") => true,
-            Some("off") => false,
-            Some(other) => bail!("key \"encryption\": {other:?} must be on or off"),
-        };
+        let encryption = on_off(var.get("encryption"), "encryption")?;
+        let reflink = on_off(var.get("reflink"), "reflink")?;
         let mut volumes = Vec::new();
         if let Some(vols) = ini.section(Some("volumes")) {
             let mut folders = std::collections::HashMap::new();
@@ -176,6 +178,7 @@ impl Config {
             chunk_size,
             idle_timeout,
             encryption,
+            reflink,
             volumes,
         })
     }
@@ -223,6 +226,15 @@ impl Config {
             }
         }
         Ok(named.to_vec())
+    }
+}
+
+/// An `on`/`off` key, on when absent.
+fn on_off(value: Option<&str>, key: &str) -> Result<bool> {
+    match value.map(str::trim) {
+        None | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => bail!("key {key:?}: {other:?} must be on or off"),
     }
 }
 

@@ -186,7 +186,7 @@ fn tar_sessions_restore_verify_and_report_damage() {
     let mut names: Vec<String> =
         std::fs::read_dir(&dir).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
-    assert_eq!(names, ["chunks.tar", "info", "manifest"]);
+    assert_eq!(names, ["chunks.tar", "chunks.tar.idx", "info", "manifest"]);
     let listing = std::process::Command::new("tar").arg("-tf").arg(dir.join("chunks.tar")).output().expect("tar");
     assert!(listing.status.success());
     assert_eq!(String::from_utf8_lossy(&listing.stdout).lines().count(), 24 + 8, "tar(1) reads every chunk");
@@ -251,19 +251,12 @@ fn killed_prunes_are_settled_by_the_next_run() {
         }
         // The receiver exits on end of input; let it.
         std::thread::sleep(std::time::Duration::from_millis(50));
-        // Whatever dom0 lists now restores bit-identical, before any repair.
-        let listed = env.sessions();
-        assert!(listed.contains(&n), "{var}={k}: {n} must survive: {listed:?}");
-        check_sessions(&env, &copies, &[n.clone(), listed.last().expect("newest").clone()]);
-        if listed.contains(&p) {
-            check_sessions(&env, &copies, std::slice::from_ref(&p));
-        }
-        // The next prune of the volume settles the interrupted one first
-        // (finishing or rolling it back); one that matches no session
-        // does only that.
-        let settle = env.run(&["prune", VOL, "--session=19700101-000000"]);
+        // The next command that talks to the receiver about the volume
+        // (here verify) settles the interrupted prune first, finishing or
+        // rolling it back.
+        let settle = env.run(&["verify", VOL]);
         let settle_err = String::from_utf8_lossy(&settle.stderr);
-        assert!(settle_err.contains("no session was pruned"), "{var}={k}: {settle_err}");
+        assert!(settle.status.success(), "{var}={k}: {settle_err}");
         if stopped {
             assert!(!out.status.success(), "{var}={k}: a stopped prune fails");
             // Only a dom0 stopped after its last step leaves nothing to settle.
@@ -273,8 +266,17 @@ fn killed_prunes_are_settled_by_the_next_run() {
         }
         assert_eq!(leftovers(&env), Vec::<PathBuf>::new(), "{var}={k}: leftovers after settling");
         assert_no_garbage(&env);
+        // Whatever dom0 lists now restores bit-identical.
         let listed = env.sessions();
+        assert!(listed.contains(&n), "{var}={k}: {n} must survive: {listed:?}");
         check_sessions(&env, &copies, &[n.clone(), listed.last().expect("newest").clone()]);
+        if listed.contains(&p) {
+            check_sessions(&env, &copies, std::slice::from_ref(&p));
+        }
+        // A prune that matches no session has nothing left to settle.
+        let again = env.run(&["prune", VOL, "--session=19700101-000000"]);
+        let again_err = String::from_utf8_lossy(&again.stderr);
+        assert!(again_err.contains("no session was pruned") && !again_err.contains("interrupted"), "{again_err}");
         if listed.contains(&p) {
             env.ok(&["prune", VOL, &format!("--session={p}")]);
         }

@@ -13,8 +13,8 @@ mod tar;
 mod writer_thread;
 
 use clap::Parser;
-use std::io::Write;
 use cli::{Cli, Command};
+use std::io::Write;
 
 /// Exit status for failures. qrexec reserves 125-127, so never use those.
 const EXIT_FAILURE: i32 = 1;
@@ -33,7 +33,8 @@ fn main() {
             }
         }
         Command::Version => {
-            let version = format!("sparsebak-vm {} (protocol {})", env!("CARGO_PKG_VERSION"), sparsebak_proto::PROTOCOL_VERSION);
+            let version =
+                format!("sparsebak-vm {} (protocol {})", env!("CARGO_PKG_VERSION"), sparsebak_proto::PROTOCOL_VERSION);
             if writeln!(std::io::stdout(), "{version}").is_err() {
                 std::process::exit(EXIT_FAILURE);
             }

@@ -9,7 +9,8 @@
 //! config is deleted too, with a warning that its next send is a full one.
 
 use super::Ctx;
-use crate::changes::TrackedVolume;
+use crate::changes::{ReflinkCopies, Snapshots, TrackedVolume};
+use crate::config::SourceKind;
 use crate::meta::MetaDir;
 use crate::remote::Receiver;
 use crate::ui::confirm;
@@ -33,14 +34,18 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             bail!("not deleting {name} (use -u to delete without asking)");
         }
     }
-    let pool = ctx.thin_pool()?;
+    // Copies are removed even when tracking is off now.
+    let copies: Option<Box<dyn Snapshots>> = match &ctx.config.source {
+        SourceKind::Lvm { .. } => ctx.thin_pool()?.map(|p| Box::new(p) as Box<dyn Snapshots>),
+        SourceKind::Local { dir } => ReflinkCopies::existing(dir).map(|c| Box::new(c) as Box<dyn Snapshots>),
+    };
     let mut rx = Receiver::connect(&ctx.config)?;
     for name in &ctx.cli.volumes {
         rx.delete_volume(&ctx.volume_ref(name)).with_context(|| format!("deleting {name}"))?;
         let deltamap = meta.volume(&ctx.pool_dir, name).deltamap_path().to_path_buf();
         meta.delete_volume(&ctx.pool_dir, name)?;
-        if let Some(pool) = &pool {
-            TrackedVolume::new(pool, name, &deltamap).remove_snapshots()?;
+        if let Some(copies) = &copies {
+            TrackedVolume::new(copies.as_ref(), name, &deltamap).remove_snapshots()?;
         }
         if ctx.config.volumes.iter().any(|(n, enabled)| n == name && *enabled) {
             log::warn!("{name} is still enabled in {}: its next send will be a full one", ctx.config.path.display());

@@ -22,6 +22,7 @@ mod restore;
 mod resync;
 mod send;
 
+use crate::changes::{ReflinkCopies, Snapshots};
 use crate::cli::{Cli, CommandName};
 use crate::config::{Config, SourceKind};
 use crate::crypto::Keys;
@@ -57,12 +58,25 @@ impl Ctx<'_> {
         }
     }
 
-    /// The thin pool, for commands that only make sense on LVM volumes.
-    pub fn require_thin_pool(&self, command: &str) -> Result<ThinPool> {
-        match self.thin_pool()? {
-            Some(p) => Ok(p),
-            None => bail!("{command} works on LVM thin volumes; image volumes are compared in full by every send"),
-        }
+    /// How this config's volumes are tracked between sends.
+    pub fn tracking(&self) -> Result<Tracking> {
+        self.tracking_with(self.thin_pool()?)
+    }
+
+    /// [`Ctx::tracking`] with the checked thin pool at hand (`thin_pool`).
+    pub fn tracking_with(&self, pool: Option<ThinPool>) -> Result<Tracking> {
+        Ok(match (&self.config.source, pool) {
+            (SourceKind::Lvm { .. }, Some(pool)) => Tracking::Lvm(pool),
+            (SourceKind::Lvm { .. }, None) => bail!("internal error: no thin pool for LVM volumes"),
+            (SourceKind::Local { dir }, _) if self.config.reflink => match ReflinkCopies::open(dir)? {
+                Ok(copies) => Tracking::Reflink(copies),
+                Err(why) => {
+                    log::debug!("{why}: image volumes are compared in full by every send");
+                    Tracking::Untracked
+                }
+            },
+            (SourceKind::Local { .. }, _) => Tracking::Untracked,
+        })
     }
 
     /// The chunk size of a volume: its latest session's, else the config's.
@@ -91,6 +105,40 @@ impl Ctx<'_> {
     /// The `--session` option, parsed.
     pub fn session_option(&self) -> Result<Option<SessionId>> {
         self.cli.session.as_deref().map(SessionId::from_user).transpose()
+    }
+}
+
+/// How volumes are tracked between sends (see `changes/`).
+pub enum Tracking {
+    /// Thin snapshots in the LVM pool.
+    Lvm(ThinPool),
+    /// Reflink copies in `localdir/.sparsebak`.
+    Reflink(ReflinkCopies),
+    /// Image files compared in full by every send (`reflink = off`, or no
+    /// reflinks on that filesystem).
+    Untracked,
+}
+
+impl Tracking {
+    /// The copies that track `volume`; `None` when it is compared in full
+    /// (an image file on another filesystem than the copies, or untracked).
+    pub fn copies_for(&self, volume: &str) -> Result<Option<&dyn Snapshots>> {
+        Ok(match self {
+            Tracking::Lvm(pool) => Some(pool),
+            Tracking::Reflink(copies) if copies.tracks(volume)? => Some(copies),
+            Tracking::Reflink(_) | Tracking::Untracked => None,
+        })
+    }
+
+    /// The same, for commands that only make sense with tracking.
+    pub fn require(&self, command: &str, volume: &str) -> Result<&dyn Snapshots> {
+        match self.copies_for(volume)? {
+            Some(c) => Ok(c),
+            None => bail!(
+                "{command} works on LVM thin volumes and on image files on a filesystem with reflinks \
+                 (Btrfs, XFS with reflink=1; `reflink` not off); {volume} is compared in full by every send"
+            ),
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! `resync VOL...` (LVM): compare `VOL.tick` with the archive's latest
+//! `resync VOL...` (LVM, and image files tracked by reflink copies): compare tick with the archive's latest
 //! session, as dom0's manifests describe it, and mark every chunk that
 //! differs in the delta map, so the next send brings the archive back in
 //! line (after a lost delta map, or a volume reverted to older content).
@@ -14,7 +14,7 @@ use anyhow::{bail, Result};
 pub fn run(ctx: &Ctx) -> Result<()> {
     let names = ctx.config.select_volumes(&ctx.cli.volumes, true)?;
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
-    let pool = ctx.require_thin_pool("resync")?;
+    let tracking = ctx.tracking()?;
     let keys = ctx.keys(&meta)?;
     for name in &names {
         let vm = meta.volume(&ctx.pool_dir, name);
@@ -23,7 +23,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             bail!("{name} has never been sent; nothing to resync");
         };
         let cs = vm.info(latest)?.chunk_size;
-        let tracked = TrackedVolume::new(&pool, name, vm.deltamap_path());
+        let tracked = TrackedVolume::new(tracking.require("resync", name)?, name, vm.deltamap_path());
         let mut tick = ImageVolume::open(&tracked.tick_path()?)?;
         let mut map = tracked.map_for_resync(cs, tick.size())?;
         let before = map.count_marked();

@@ -13,8 +13,9 @@
 //! A send that finds nothing changed (same size, no changed chunk) creates no
 //! session.
 
+use super::Tracking;
 use super::{prune, Ctx};
-use crate::changes::{ArchiveState, Candidates, ScanJobs, TrackedVolume};
+use crate::changes::{is_unsupported, ArchiveState, Candidates, ScanJobs, TrackedVolume};
 use crate::chunk::{self, pipeline, ChunkCodec, Packed};
 use crate::config::SourceKind;
 use crate::crypto::Keys;
@@ -30,6 +31,7 @@ use crate::source::{lvm::ThinPool, ImageVolume};
 use crate::ui::{human_bytes, Progress};
 use anyhow::{bail, Context, Result};
 use sparsebak_fsutil::write_file_durably;
+use sparsebak_proto::testhook::dom0_step as step;
 use sparsebak_proto::{MetaFile, VolumeRef};
 use std::time::Instant;
 
@@ -38,12 +40,12 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
     let pool = ctx.thin_pool()?;
     check_sources(ctx, pool.as_ref(), &names)?;
+    let tracking = ctx.tracking_with(pool)?;
     let keys = archive_key::for_send(ctx.key_scope(), &meta, ctx.cli.passphrase_file.as_deref(), ctx.cli.unattended)?;
     let mut rx = Receiver::connect(&ctx.config)?;
     let keys = keys.establish(ctx.key_scope(), &mut rx)?;
     for name in &names {
-        send_volume(ctx, &meta, pool.as_ref(), &mut rx, keys.as_ref(), name)
-            .with_context(|| format!("sending {name}"))?;
+        send_volume(ctx, &meta, &tracking, &mut rx, keys.as_ref(), name).with_context(|| format!("sending {name}"))?;
     }
     rx.finish()
 }
@@ -83,7 +85,7 @@ struct Tally {
 fn send_volume(
     ctx: &Ctx,
     meta: &MetaDir,
-    pool: Option<&ThinPool>,
+    tracking: &Tracking,
     rx: &mut Receiver,
     keys: Option<&Keys>,
     name: &str,
@@ -108,26 +110,32 @@ fn send_volume(
     let prev_info = latest.map(|s| vm.info(s)).transpose()?;
     let chunk_size = prev_info.as_ref().map_or(ctx.config.chunk_size, |i| i.chunk_size);
 
-    // Where to read and which chunks to look at. For LVM volumes, `tracked`
-    // owns the tock snapshot until the session is committed.
-    let tracked_volume;
-    let mut tracked = None;
-    let (mut source, candidates) = match (&ctx.config.source, pool) {
-        (SourceKind::Lvm { .. }, Some(pool)) => {
-            tracked_volume = TrackedVolume::new(pool, name, vm.deltamap_path());
-            let archive = match &prev_info {
-                None if sessions.is_empty() => ArchiveState::New,
-                Some(i) if !full => ArchiveState::Archived { tail_start: i.volume_size },
-                _ => ArchiveState::Unusable,
-            };
-            let mut t = tracked_volume.begin_send(chunk_size, archive)?;
-            let candidates = t.take_candidates()?;
-            let source = ImageVolume::open(&t.path()?)?;
-            tracked = Some(t);
-            (source, candidates)
-        }
-        (SourceKind::Local { dir }, _) => (ImageVolume::open(&dir.join(name))?, Candidates::AllData),
-        (SourceKind::Lvm { .. }, None) => bail!("internal error: no thin pool for an LVM volume"),
+    // Where to read and which chunks to look at. A tracked volume is read
+    // from its tock copy, which `tracked` owns until the session is
+    // committed.
+    let archive = match &prev_info {
+        None if sessions.is_empty() => ArchiveState::New,
+        Some(i) if !full => ArchiveState::Archived { tail_start: i.volume_size },
+        _ => ArchiveState::Unusable,
+    };
+    let tracked_volume = tracking.copies_for(name)?.map(|c| TrackedVolume::new(c, name, vm.deltamap_path()));
+    let begun_send = match &tracked_volume {
+        Some(t) => match t.begin_send(chunk_size, archive) {
+            Ok(send) => Some(send),
+            Err(e) if is_unsupported(&e) => {
+                log::warn!("{name}: {e:#}; comparing the whole volume");
+                None
+            }
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
+    let (mut source, candidates, tracked) = match begun_send {
+        Some(mut t) => (ImageVolume::open(&t.path()?)?, t.take_candidates()?, Some(t)),
+        None => match &ctx.config.source {
+            SourceKind::Local { dir } => (ImageVolume::open(&dir.join(name))?, Candidates::AllData, None),
+            SourceKind::Lvm { .. } => bail!("internal error: an LVM volume without its snapshots"),
+        },
     };
     let size = source.size();
 
@@ -189,7 +197,9 @@ fn send_volume(
         metafile::send(rx, m, &tmp.join(file.file_name()))?;
     }
     rx.commit()?;
+    step("session committed");
     vm.promote(&id)?;
+    step("session recorded");
     if let Some(t) = tracked {
         t.finish(chunk_size, size)?;
     }

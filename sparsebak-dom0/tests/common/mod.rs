@@ -357,3 +357,52 @@ impl Env {
         out
     }
 }
+
+/// A filesystem made on a loop device over a sparse file, mounted at a
+/// folder; unmounted and detached when dropped (also when a test fails).
+pub struct LoopFs {
+    mnt: PathBuf,
+    dev: String,
+    _backing: tempfile::NamedTempFile,
+}
+
+/// The filesystems with reflinks that image volumes are tracked on.
+#[derive(Debug, Clone, Copy)]
+pub enum ReflinkFs {
+    Btrfs,
+    Xfs,
+}
+
+impl LoopFs {
+    /// Makes `fs` of `mib` MiB (XFS needs at least 300) and mounts it at
+    /// `mnt`, which must exist.
+    pub fn new(fs: ReflinkFs, mib: u64, mnt: &Path) -> LoopFs {
+        let backing = tempfile::NamedTempFile::new_in("/var/tmp").expect("backing file");
+        backing.as_file().set_len(mib * MIB).expect("size backing file");
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(backing.path()).output().expect("losetup");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let loopfs = LoopFs { mnt: mnt.to_path_buf(), dev, _backing: backing };
+        let mkfs: &[&str] = match fs {
+            ReflinkFs::Btrfs => &["mkfs.btrfs", "-q", "-f"],
+            ReflinkFs::Xfs => &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],
+        };
+        let st = Command::new(mkfs[0]).args(&mkfs[1..]).arg(&loopfs.dev).status().expect("mkfs");
+        assert!(st.success(), "{mkfs:?} (btrfs-progs / xfsprogs installed?)");
+        let st = Command::new("mount").arg(&loopfs.dev).arg(mnt).status().expect("mount");
+        assert!(st.success(), "mounting {fs:?}");
+        loopfs
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        for _ in 0..20 {
+            if Command::new("umount").arg(&self.mnt).status().is_ok_and(|s| s.success()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}

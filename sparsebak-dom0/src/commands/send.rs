@@ -137,6 +137,9 @@ fn send_volume(
             SourceKind::Lvm { .. } => bail!("internal error: an LVM volume without its snapshots"),
         },
     };
+    if matches!(archive, ArchiveState::Archived { .. }) && matches!(candidates, Candidates::Marked { .. }) {
+        source.advise_random();
+    }
     let size = source.size();
 
     let newest_known = sessions.iter().chain(archive_sessions.iter()).max();

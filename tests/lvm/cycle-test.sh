@@ -13,6 +13,6 @@ cd "$root"
 cargo build --workspace --quiet
 start=$(date +%s)
 rc=0
-tests/vm/run-in-vm --disk 1G --timeout 900 -- bash tests/lvm/cycle-in-vm.sh "$root/target/debug" || rc=$?
+tests/vm/run-in-vm --disk 1G --timeout 1800 -- bash tests/lvm/cycle-in-vm.sh "$root/target/debug" || rc=$?
 echo "cycle-test: exit $rc after $(( $(date +%s) - start )) s" >&2
 exit $rc

@@ -14,6 +14,7 @@
 //! - `DeleteVolume` -> `Done`.
 //! - `ReadMeta` -> `Meta` (empty past the end) or `ChunkError`.
 //! - `GetKey` -> `Key`; `PutKey` -> `Done` (refused if a key is there).
+//! - `ReplaceInfo` -> `Done` (a committed session's tags changed).
 //!
 //! `Error` is fatal: the receiver sends it and exits. Closing the receiver's
 //! stdin ends the conversation; an uncommitted session is then discarded.
@@ -32,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape, meaning or position (the
 /// wire-format fixtures then have to be regenerated, see the module doc).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest archive chunk size (uncompressed) either side accepts.
 pub const MAX_CHUNK_SIZE: u64 = 4 << 20;
@@ -187,6 +188,15 @@ pub enum Request {
         pool: String,
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+    },
+    /// Replaces a committed session's `info` durably (at most
+    /// [`META_PIECE`] bytes, sealed by dom0 like every metadata file): its
+    /// tags changed. The session's chunks and manifest are not touched.
+    ReplaceInfo {
+        volume: VolumeRef,
+        session: String,
+        #[serde(with = "serde_bytes")]
+        info: Vec<u8>,
     },
 }
 

@@ -29,6 +29,43 @@ pub struct Cli {
     #[arg(long, value_name = "DT[,DT]")]
     pub session: Option<String>,
 
+    /// send: label the new session (repeatable); a tagged session is kept by
+    /// every rule-based prune.
+    #[arg(long = "tag", value_name = "NAME")]
+    pub tag: Vec<String>,
+
+    /// send: after each volume's session is committed, prune it by the
+    /// config's [retention] rules (also `[var] autoprune = on`).
+    #[arg(long)]
+    pub autoprune: bool,
+
+    /// prune: keep the N newest sessions.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// prune: keep the newest session of each of the last N hours (UTC).
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// prune: keep the newest session of each of the last N days (UTC).
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// prune: keep the newest session of each of the last N ISO weeks.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// prune: keep the newest session of each of the last N months.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// prune: keep the newest session of each of the last N years.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+
+    /// prune by rules: print what would be kept or pruned, and why; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// list: print one JSON document (fields in the README).
+    #[arg(long)]
+    pub json: bool,
+
     /// File whose first line is the archive key's passphrase (needed only to
     /// create an encrypted archive and to recover; else asked for).
     #[arg(long, value_name = "PATH")]
@@ -64,9 +101,13 @@ pub enum CommandName {
     Monitor,
     /// LVM: mark chunks where VOL.tick differs from the archive's latest session.
     Resync,
-    /// Remove sessions (--session DT or DT1,DT2), merging their chunks into
-    /// the next newer session.
+    /// Remove sessions (--session DT or DT1,DT2, or by --keep-* rules),
+    /// merging their chunks into the next newer session.
     Prune,
+    /// Label a session: `tag VOLUME DT NAME`.
+    Tag,
+    /// Remove a label: `untag VOLUME DT NAME`.
+    Untag,
     /// Remove volumes from the archive and from dom0's metadata.
     Delete,
     /// Rebuild dom0's metadata (key, sessions, manifests) from the archive,

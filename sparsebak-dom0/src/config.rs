@@ -26,7 +26,34 @@ const VAR_KEYS: &[&str] = &[
     "idletimeout",
     "encryption",
     "reflink",
+    "autoprune",
 ];
+
+/// Keys allowed in `[retention]`, in the order of [`KeepRules`]' fields.
+const RETENTION_KEYS: [&str; 6] = ["last", "hourly", "daily", "weekly", "monthly", "yearly"];
+
+/// The largest count a keep rule takes (a century of hours).
+pub const MAX_KEEP: u32 = 1_000_000;
+
+/// How many sessions of each kind of period to keep (see
+/// `meta/retention.rs`); 0 = that rule is off. From `prune --keep-*` or the
+/// config's `[retention]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeepRules {
+    pub last: u32,
+    pub hourly: u32,
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+    pub yearly: u32,
+}
+
+impl KeepRules {
+    /// No rule at all: nothing may be pruned by rules.
+    pub fn is_empty(&self) -> bool {
+        *self == KeepRules::default()
+    }
+}
 
 /// Default for `[var] idletimeout`: how long dom0 waits for the receiver to
 /// make any progress before giving up (a commit on a slow disk can take a
@@ -77,6 +104,12 @@ pub struct Config {
     /// filesystem with reflinks, track image volumes by reflink copies
     /// (see `changes/reflink_tracking.rs`); off compares them in full.
     pub reflink: bool,
+    /// `[retention]`: the rules of `prune` without `--session`, and of
+    /// autoprune (none by default).
+    pub retention: KeepRules,
+    /// `[var] autoprune = on|off` (default off): `send` prunes each volume by
+    /// the `[retention]` rules right after its session is committed.
+    pub autoprune: bool,
     /// `[volumes]` in file order: (name, enabled).
     pub volumes: Vec<(String, bool)>,
 }
@@ -91,7 +124,7 @@ impl Config {
         let ini = ini::Ini::load_from_str(text).map_err(|e| anyhow!("{e}"))?;
         for (section, props) in ini.iter() {
             match section {
-                None | Some("var") | Some("volumes") => {}
+                None | Some("var") | Some("volumes") | Some("retention") => {}
                 Some(other) => bail!("unknown section [{other}]"),
             }
             // The parser keeps every copy; which one wins is not obvious to
@@ -148,6 +181,17 @@ impl Config {
         };
         let encryption = on_off(var.get("encryption"), "encryption")?;
         let reflink = on_off(var.get("reflink"), "reflink")?;
+        let autoprune = !matches!(var.get("autoprune").map(str::trim), None | Some("off"));
+        if autoprune && var.get("autoprune").map(str::trim) != Some("on") {
+            bail!("key \"autoprune\": {:?} must be on or off", var.get("autoprune").unwrap_or_default());
+        }
+        let retention = match ini.section(Some("retention")) {
+            Some(section) => parse_retention(section)?,
+            None => KeepRules::default(),
+        };
+        if autoprune && retention.is_empty() {
+            bail!("autoprune = on needs keep rules in a [retention] section");
+        }
         let mut volumes = Vec::new();
         if let Some(vols) = ini.section(Some("volumes")) {
             let mut folders = std::collections::HashMap::new();
@@ -179,6 +223,8 @@ impl Config {
             idle_timeout,
             encryption,
             reflink,
+            retention,
+            autoprune,
             volumes,
         })
     }
@@ -227,6 +273,30 @@ impl Config {
         }
         Ok(named.to_vec())
     }
+}
+
+/// `[retention]`: each key a count from 0 to [`MAX_KEEP`].
+fn parse_retention(section: &ini::Properties) -> Result<KeepRules> {
+    if let Some((key, _)) = section.iter().find(|(k, _)| !RETENTION_KEYS.contains(k)) {
+        bail!("unknown key {key:?} in [retention] (known: {})", RETENTION_KEYS.join(", "));
+    }
+    let get = |key: &str| -> Result<u32> {
+        match section.get(key).map(str::trim) {
+            None => Ok(0),
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if n <= MAX_KEEP => Ok(n),
+                _ => bail!("[retention] {key} = {v:?}: expected a count from 0 to {MAX_KEEP}"),
+            },
+        }
+    };
+    Ok(KeepRules {
+        last: get("last")?,
+        hourly: get("hourly")?,
+        daily: get("daily")?,
+        weekly: get("weekly")?,
+        monthly: get("monthly")?,
+        yearly: get("yearly")?,
+    })
 }
 
 /// An `on`/`off` key, on when absent.
@@ -373,6 +443,25 @@ mod tests {
         assert!(e.contains("[volumes] appvms/.work/private.img"), "{e}");
         // LVM volumes are LV names: no paths.
         assert!(err_of(&format!("{LVM}appvms/work = enable\n")).contains("appvms/work"));
+    }
+
+    #[test]
+    fn retention_section() {
+        let text = format!("{LVM}\n[retention]\nhourly = 24\ndaily = 30\nweekly = 8\n");
+        let c = parse(&text).expect("valid");
+        assert_eq!(c.retention, KeepRules { hourly: 24, daily: 30, weekly: 8, ..KeepRules::default() });
+        assert!(!c.autoprune);
+        let c = parse(&text.replace("destdir = backups\n", "destdir = backups\nautoprune = on\n")).expect("valid");
+        assert!(c.autoprune);
+        assert!(err_of(&format!("{text}fortnightly = 2\n")).contains("unknown key \"fortnightly\" in [retention]"));
+        assert!(err_of(&text.replace("= 24", "= -1")).contains("[retention] hourly"));
+        assert!(err_of(&text.replace("= 24", "= 1000001")).contains("from 0 to 1000000"));
+        assert!(err_of(&format!("{text}daily = 3\n")).contains("\"daily\" appears more than once"));
+        let e = err_of(&LVM.replace("destdir = backups\n", "destdir = backups\nautoprune = on\n"));
+        assert!(e.contains("autoprune = on needs keep rules"), "{e}");
+        assert!(
+            err_of(&LVM.replace("destdir = backups\n", "destdir = backups\nautoprune = yes\n")).contains("autoprune")
+        );
     }
 
     #[test]

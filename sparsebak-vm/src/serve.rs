@@ -10,7 +10,7 @@ use crate::session_writer::SessionWriter;
 use crate::writer_thread::QueuedSession;
 use anyhow::{anyhow, bail, Context, Result};
 use sparsebak_proto::msg::{MAX_KEY_FILE, META_PIECE};
-use sparsebak_proto::{read_msg, write_msg, Request, Response, PROTOCOL_VERSION};
+use sparsebak_proto::{read_msg, write_msg, MetaFile, Request, Response, PROTOCOL_VERSION};
 use std::io::{BufReader, BufWriter, Read, Seek, Write};
 
 /// A failed conversation; `reported` when dom0 already got the message (so
@@ -169,6 +169,20 @@ impl Server {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                     Err(e) => return Err(e).with_context(|| format!("stat {}", path.display())),
                 }))
+            }
+            Request::ReplaceInfo { volume, session, info } => {
+                if self.writer.is_some() || self.prune.is_some() {
+                    bail!("protocol error: a session or prune is open");
+                }
+                if info.len() > META_PIECE {
+                    bail!("info of {} bytes is too large", info.len());
+                }
+                let dir = self.archive()?.session_dir(&volume, &session)?;
+                if !dir.is_dir() {
+                    bail!("{volume}: no committed session {session}");
+                }
+                sparsebak_fsutil::write_file_durably(&dir.join(MetaFile::Info.file_name()), &info)?;
+                Some(Response::Done)
             }
             Request::PutKey { pool, data } => {
                 if data.len() > MAX_KEY_FILE {

@@ -59,6 +59,11 @@ pub fn requests() -> Vec<Request> {
         },
         Request::GetKey { pool: "qubes_dom0%pool00".into() },
         Request::PutKey { pool: "qubes_dom0%pool00".into(), data: vec![1, 2, 3, 250, 251, 252, 253, 254, 255] },
+        Request::ReplaceInfo {
+            volume: volume(),
+            session: "S_20261129-083000".into(),
+            info: b"version=1\nformat=folders\ntags=keep\n".to_vec(),
+        },
     ]
 }
 
@@ -96,6 +101,7 @@ pub fn request_fixture(req: &Request) -> &'static str {
         Request::ReadMeta { .. } => "request-read-meta.bin",
         Request::GetKey { .. } => "request-get-key.bin",
         Request::PutKey { .. } => "request-put-key.bin",
+        Request::ReplaceInfo { .. } => "request-replace-info.bin",
     }
 }
 

@@ -21,6 +21,7 @@ mod recover;
 mod restore;
 mod resync;
 mod send;
+mod tag;
 
 use crate::changes::{ReflinkCopies, Snapshots};
 use crate::cli::{Cli, CommandName};
@@ -108,6 +109,40 @@ impl Ctx<'_> {
     }
 }
 
+/// Options that belong to one command are an error with any other (a
+/// misplaced `--keep-last` must not be silently ignored).
+fn check_options(cli: &Cli) -> Result<()> {
+    use CommandName::*;
+    let keep = [cli.keep_last, cli.keep_hourly, cli.keep_daily, cli.keep_weekly, cli.keep_monthly, cli.keep_yearly];
+    let misplaced = [
+        ("--tag", !cli.tag.is_empty(), cli.command == Send),
+        ("--autoprune", cli.autoprune, cli.command == Send),
+        ("--tarfile", cli.tarfile, cli.command == Send),
+        ("--keep-*", keep.iter().any(Option::is_some), cli.command == Prune),
+        ("--dry-run", cli.dry_run, cli.command == Prune),
+        ("--json", cli.json, cli.command == List),
+        ("--save-to", cli.save_to.is_some(), cli.command == Receive),
+    ];
+    if let Some((option, _, _)) = misplaced.iter().find(|(_, given, fits)| *given && !*fits) {
+        bail!("{option} does not apply to {}", format!("{:?}", cli.command).to_lowercase());
+    }
+    Ok(())
+}
+
+/// Finishes what a kill interrupted on both sides of a volume (a prune, a
+/// tag change) before a command that talks to the receiver about it does
+/// anything else, so that the next ordinary command (a timer's send)
+/// brings dom0 and the archive back in line.
+pub fn settle_interrupted(
+    vm: &crate::meta::VolumeMeta,
+    rx: &mut crate::remote::Receiver,
+    keys: Option<&Keys>,
+    volume: &VolumeRef,
+) -> Result<()> {
+    prune::settle(vm, rx, keys, volume)?;
+    tag::settle(vm, rx, keys, volume)
+}
+
 /// How volumes are tracked between sends (see `changes/`).
 pub enum Tracking {
     /// Thin snapshots in the LVM pool.
@@ -147,6 +182,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         outln!("sparsebak {} (protocol {})", env!("CARGO_PKG_VERSION"), sparsebak_proto::PROTOCOL_VERSION);
         return Ok(());
     }
+    check_options(cli)?;
     let config = Config::load(&cli.config)?;
     let pool_dir = config.pool_dir()?;
     let marker = crate::meta::recover_marker_path(&config.meta_dir, &pool_dir);
@@ -165,6 +201,8 @@ pub fn run(cli: &Cli) -> Result<()> {
         CommandName::Monitor => monitor::run(&ctx),
         CommandName::Resync => resync::run(&ctx),
         CommandName::Prune => prune::run(&ctx),
+        CommandName::Tag => tag::run(&ctx, true),
+        CommandName::Untag => tag::run(&ctx, false),
         CommandName::Delete => delete::run(&ctx),
         CommandName::Recover => recover::run(&ctx),
         CommandName::Version => Ok(()),

@@ -26,7 +26,9 @@
 //! nothing proportional to the volume size.
 
 use super::Ctx;
+use crate::config::KeepRules;
 use crate::crypto::Keys;
+use crate::meta::retention::{self, Candidate, Decision};
 use crate::meta::{
     prune_journal::{self, merged_path, JournalState, PruneJournal},
     ChunkState, ManifestWriter, MetaDir, Origin, SessionId, SessionInfo, VolumeMeta,
@@ -44,29 +46,90 @@ use std::time::Instant;
 /// Addresses per `PruneLink` message (8 bytes each, far below the frame cap).
 const LINK_BATCH: usize = 16 * 1024;
 
+/// What a `prune` removes.
+enum Selection {
+    /// `--session=DT[,DT]`: the named sessions (inclusive range).
+    Range { spec: String, from: SessionId, to: SessionId },
+    /// `--keep-*` rules, or the config's `[retention]`.
+    Rules(KeepRules),
+}
+
+fn selection(ctx: &Ctx) -> Result<Selection> {
+    let cli = ctx.cli;
+    let given = [cli.keep_last, cli.keep_hourly, cli.keep_daily, cli.keep_weekly, cli.keep_monthly, cli.keep_yearly];
+    let from_cli = KeepRules {
+        last: cli.keep_last.unwrap_or(0),
+        hourly: cli.keep_hourly.unwrap_or(0),
+        daily: cli.keep_daily.unwrap_or(0),
+        weekly: cli.keep_weekly.unwrap_or(0),
+        monthly: cli.keep_monthly.unwrap_or(0),
+        yearly: cli.keep_yearly.unwrap_or(0),
+    };
+    match (cli.session.as_deref(), given.iter().any(Option::is_some)) {
+        (Some(_), true) => bail!("--session and --keep-* rules do not mix: prune named sessions or prune by rules"),
+        (Some(_), false) if cli.dry_run => {
+            bail!("--dry-run shows what keep rules would do; --session names the sessions itself")
+        }
+        (Some(spec), false) => {
+            let (from, to) = parse_range(spec)?;
+            Ok(Selection::Range { spec: spec.to_string(), from, to })
+        }
+        (None, true) => Ok(Selection::Rules(from_cli)),
+        (None, false) if !ctx.config.retention.is_empty() => Ok(Selection::Rules(ctx.config.retention)),
+        (None, false) => bail!(
+            "prune needs --session=DT[,DT] or --keep-last/-hourly/-daily/-weekly/-monthly/-yearly rules \
+             (or a [retention] section in the config)"
+        ),
+    }
+}
+
 pub fn run(ctx: &Ctx) -> Result<()> {
-    let spec = ctx.cli.session.as_deref().context("prune needs --session=DT or --session=DT1,DT2")?;
-    let (from, to) = parse_range(spec)?;
+    let selection = selection(ctx)?;
     let names = match ctx.cli.volumes.is_empty() {
         true => ctx.config.select_volumes(&[], true)?,
         false => ctx.cli.volumes.clone(),
     };
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
-    let keys = ctx.keys(&meta)?;
-    let mut rx = Receiver::connect(&ctx.config)?;
-    let mut pruned = 0;
+    let mut volumes = Vec::new();
     for name in &names {
         ctx.config.validate_volume(name)?;
         let vm = meta.volume(&ctx.pool_dir, name);
         if !vm.exists() {
             bail!("volume {name:?} has no sessions in {}", ctx.config.meta_dir.display());
         }
-        pruned += prune_volume(&vm, &mut rx, keys.as_ref(), &ctx.volume_ref(name), &from, &to)
-            .with_context(|| format!("pruning {name}"))?;
+        volumes.push((name, vm));
+    }
+    if ctx.cli.dry_run {
+        let Selection::Rules(rules) = &selection else { bail!("internal error: dry run of a range") };
+        for (name, vm) in &volumes {
+            for d in decide_for(vm, rules)? {
+                let what = match &d.keep {
+                    None => "prune".to_string(),
+                    Some(reason) => format!("keep ({reason})"),
+                };
+                outln!("{name} {} {what}", d.session.date_time());
+            }
+        }
+        return Ok(());
+    }
+    let keys = ctx.keys(&meta)?;
+    let mut rx = Receiver::connect(&ctx.config)?;
+    let mut pruned = 0;
+    for (name, vm) in &volumes {
+        let volume = ctx.volume_ref(name);
+        pruned += match &selection {
+            Selection::Range { from, to, .. } => prune_range(vm, &mut rx, keys.as_ref(), &volume, from, to),
+            Selection::Rules(rules) => prune_by_rules(vm, &mut rx, keys.as_ref(), &volume, rules),
+        }
+        .with_context(|| format!("pruning {name}"))?;
     }
     rx.finish()?;
-    if pruned == 0 {
-        bail!("no session was pruned: none matched --session={spec} (see `sparsebak list VOLUME`)");
+    match selection {
+        Selection::Range { spec, .. } if pruned == 0 => {
+            bail!("no session was pruned: none matched --session={spec} (see `sparsebak list VOLUME`)")
+        }
+        Selection::Rules(_) if pruned == 0 => log::info!("every session is kept by the rules; nothing pruned"),
+        _ => {}
     }
     Ok(())
 }
@@ -80,8 +143,9 @@ fn parse_range(spec: &str) -> Result<(SessionId, SessionId)> {
     Ok(if a <= b { (a, b) } else { (b, a) })
 }
 
-/// Prunes the volume's sessions in `[from, to]`; returns how many.
-fn prune_volume(
+/// Prunes the volume's sessions in `[from, to]`; returns how many. A
+/// tagged session in the range stops it before anything is pruned.
+fn prune_range(
     vm: &VolumeMeta,
     rx: &mut Receiver,
     keys: Option<&Keys>,
@@ -89,16 +153,66 @@ fn prune_volume(
     from: &SessionId,
     to: &SessionId,
 ) -> Result<usize> {
-    settle(vm, rx, keys, volume)?;
+    super::settle_interrupted(vm, rx, keys, volume)?;
     let sessions = vm.sessions()?;
     let mut targets: Vec<SessionId> = sessions.iter().filter(|s| *s >= from && *s <= to).cloned().collect();
     if targets.last().is_some() && targets.last() == sessions.last() {
         let newest = targets.pop().context("no target")?;
         log::warn!("{}: {} is the newest session; the newest session is never pruned", volume.name, newest.date_time());
     }
+    for s in &targets {
+        let tags = vm.info(s)?.tags;
+        if !tags.is_empty() {
+            bail!(
+                "session {} is tagged {}; remove its tags first (`sparsebak untag {} {} TAG`)",
+                s.date_time(),
+                tags.join(","),
+                volume.name,
+                s.date_time()
+            );
+        }
+    }
+    prune_sessions(vm, rx, keys, volume, &targets)
+}
+
+/// Prunes what `rules` do not keep (tagged and newest sessions are always
+/// kept); returns how many. Also `send --autoprune`.
+pub fn prune_by_rules(
+    vm: &VolumeMeta,
+    rx: &mut Receiver,
+    keys: Option<&Keys>,
+    volume: &VolumeRef,
+    rules: &KeepRules,
+) -> Result<usize> {
+    super::settle_interrupted(vm, rx, keys, volume)?;
+    let targets: Vec<SessionId> =
+        decide_for(vm, rules)?.into_iter().filter(|d| !d.is_kept()).map(|d| d.session).collect();
+    prune_sessions(vm, rx, keys, volume, &targets)
+}
+
+/// The rules' decision for each of the volume's sessions, oldest first.
+fn decide_for(vm: &VolumeMeta, rules: &KeepRules) -> Result<Vec<Decision>> {
+    let sessions = vm.sessions()?;
+    let tags: Vec<Vec<String>> = sessions.iter().map(|s| vm.info(s).map(|i| i.tags)).collect::<Result<_>>()?;
+    let candidates: Vec<Candidate> =
+        sessions.iter().zip(&tags).map(|(session, tags)| Candidate { session, tags }).collect();
+    retention::decide(&candidates, rules)
+}
+
+/// Prunes `targets` newest first, so that each chunk moves at most once.
+fn prune_sessions(
+    vm: &VolumeMeta,
+    rx: &mut Receiver,
+    keys: Option<&Keys>,
+    volume: &VolumeRef,
+    targets: &[SessionId],
+) -> Result<usize> {
     for p in targets.iter().rev() {
         let sessions = vm.sessions()?;
         let i = sessions.iter().position(|s| s == p).context("pruned session vanished")?;
+        if i + 1 == sessions.len() {
+            bail!("internal error: the newest session {} is never pruned", p.date_time());
+        }
         prune_one(vm, rx, keys, volume, &sessions, i)?;
     }
     Ok(targets.len())

@@ -10,7 +10,7 @@
 //! renamed over it only when every chunk checked out, so a failed receive
 //! never leaves a half-restored file behind.
 
-use super::{prune, Ctx};
+use super::Ctx;
 use crate::chunk::{self, pipeline, ChunkCodec, ChunkFault};
 use crate::crypto::Keys;
 use crate::interrupt::{self, TempFileGuard};
@@ -77,7 +77,7 @@ fn run_on(ctx: &Ctx, mode: Mode, names: &[String]) -> Result<()> {
         }
         let volume = ctx.volume_ref(name);
         let mut rx = Receiver::connect(&ctx.config)?;
-        prune::settle(&vm, &mut rx, keys.as_ref(), &volume)?;
+        super::settle_interrupted(&vm, &mut rx, keys.as_ref(), &volume)?;
         let sessions = vm.sessions()?;
         if sessions.is_empty() {
             bail!("volume {name:?} has no sessions in {}", ctx.config.meta_dir.display());

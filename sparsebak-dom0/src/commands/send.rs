@@ -37,6 +37,12 @@ use std::time::Instant;
 
 pub fn run(ctx: &Ctx) -> Result<()> {
     let names = ctx.config.select_volumes(&ctx.cli.volumes, true)?;
+    for tag in &ctx.cli.tag {
+        crate::meta::validate_tag(tag)?;
+    }
+    if ctx.cli.tag.len() > crate::meta::MAX_TAGS {
+        bail!("at most {} tags per session", crate::meta::MAX_TAGS);
+    }
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
     let pool = ctx.thin_pool()?;
     check_sources(ctx, pool.as_ref(), &names)?;
@@ -44,10 +50,38 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let keys = archive_key::for_send(ctx.key_scope(), &meta, ctx.cli.passphrase_file.as_deref(), ctx.cli.unattended)?;
     let mut rx = Receiver::connect(&ctx.config)?;
     let keys = keys.establish(ctx.key_scope(), &mut rx)?;
-    for name in &names {
-        send_volume(ctx, &meta, &tracking, &mut rx, keys.as_ref(), name).with_context(|| format!("sending {name}"))?;
+    let autoprune = ctx.cli.autoprune || ctx.config.autoprune;
+    if autoprune && ctx.config.retention.is_empty() {
+        bail!("--autoprune needs keep rules in a [retention] section of {}", ctx.config.path.display());
     }
-    rx.finish()
+    let mut rx = Some(rx);
+    for name in &names {
+        let r = match &mut rx {
+            Some(r) => r,
+            None => rx.insert(Receiver::connect(&ctx.config)?),
+        };
+        send_volume(ctx, &meta, &tracking, r, keys.as_ref(), name).with_context(|| format!("sending {name}"))?;
+        if autoprune {
+            let (vm, volume) = (meta.volume(&ctx.pool_dir, name), ctx.volume_ref(name));
+            // The session is committed and stands whatever happens here.
+            match prune::prune_by_rules(&vm, r, keys.as_ref(), &volume, &ctx.config.retention) {
+                Ok(0) => log::info!("{name}: autoprune: every session is kept"),
+                Ok(n) => log::info!("{name}: autoprune: {n} session(s) pruned"),
+                Err(e) => {
+                    log::error!("{name}: autoprune failed (the new session stands): {e:#}");
+                    // The receiver may have ended the conversation (an
+                    // `Error` does): the next volume gets a fresh one.
+                    if let Some(r) = rx.take() {
+                        r.abandon();
+                    }
+                }
+            }
+        }
+    }
+    match rx {
+        Some(r) => r.finish(),
+        None => Ok(()),
+    }
 }
 
 /// Checks that every volume to send exists before anything is written
@@ -93,7 +127,7 @@ fn send_volume(
     let started = Instant::now();
     let vm = meta.volume(&ctx.pool_dir, name);
     let volume = ctx.volume_ref(name);
-    prune::settle(&vm, rx, keys, &volume)?;
+    super::settle_interrupted(&vm, rx, keys, &volume)?;
     let archive_sessions = reconcile(&vm, rx, &volume)?;
     let sessions = vm.sessions()?;
     rollback::check(&volume, &sessions, &archive_sessions)?;
@@ -143,7 +177,7 @@ fn send_volume(
     let size = source.size();
 
     let newest_known = sessions.iter().chain(archive_sessions.iter()).max();
-    let id = SessionId::next(chrono::Utc::now(), newest_known)?;
+    let id = SessionId::next(session_clock()?, newest_known)?;
     let tmp = vm.tmp_session_dir(&id);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut manifest = ManifestWriter::create(&tmp.join(MetaFile::Manifest.file_name()))?;
@@ -192,6 +226,7 @@ fn send_volume(
         chunks: tally.chunks,
         bytes: tally.bytes,
         zeros: tally.zeros,
+        tags: ctx.cli.tag.clone(),
     };
     write_file_durably(&tmp.join(MetaFile::Info.file_name()), info.to_text().as_bytes())?;
     begin_once(rx, &mut begun, &volume, &id, format)?;
@@ -217,6 +252,19 @@ fn send_volume(
         size as f64 / 1e6 / secs.max(1e-9)
     );
     Ok(())
+}
+
+/// The time a new session is named after: now. A test hook like the stop
+/// hook (`sparsebak_proto::testhook`), `SPARSEBAK_TEST_NOW=RFC3339`, sets
+/// the clock, so that retention tests can make sessions hours and months
+/// apart; names still only ever increase.
+fn session_clock() -> Result<chrono::DateTime<chrono::Utc>> {
+    match std::env::var("SPARSEBAK_TEST_NOW") {
+        Ok(t) => Ok(chrono::DateTime::parse_from_rfc3339(&t)
+            .with_context(|| format!("SPARSEBAK_TEST_NOW={t:?} is not an RFC 3339 time"))?
+            .with_timezone(&chrono::Utc)),
+        Err(_) => Ok(chrono::Utc::now()),
+    }
 }
 
 fn begin_once(

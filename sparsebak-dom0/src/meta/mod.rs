@@ -9,10 +9,11 @@
 mod manifest;
 mod metadir;
 pub mod prune_journal;
+pub mod retention;
 mod session;
 
 pub use manifest::{
     ChunkState, Hash, ManifestEntry, ManifestMerge, ManifestReader, ManifestWriter, MergedEntry, Origin,
 };
 pub use metadir::{recover_marker_path, MetaDir, VolumeMeta};
-pub use session::{SessionFormat, SessionId, SessionInfo};
+pub use session::{validate_tag, SessionFormat, SessionId, SessionInfo, MAX_TAGS};

@@ -46,6 +46,15 @@ impl SessionId {
         &self.0
     }
 
+    /// The session's time in RFC 3339 (`2026-11-29T08:30:00Z`).
+    pub fn rfc3339(&self) -> String {
+        match self.time() {
+            Ok(t) => t.and_utc().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            // Unreachable for a parsed id (`parse` checks the time).
+            Err(_) => self.date_time().to_string(),
+        }
+    }
+
     /// `YYYYMMDD-HHMMSS`, as shown to users.
     pub fn date_time(&self) -> &str {
         self.0.strip_prefix(layout::SESSION_PREFIX).unwrap_or(&self.0)
@@ -88,16 +97,41 @@ pub struct SessionInfo {
     pub bytes: u64,
     /// All-zero chunks recorded (not stored) in this session.
     pub zeros: u64,
+    /// Labels given by `send --tag` / `tag`; a tagged session is kept by
+    /// every rule-based prune. Written as a `tags=a,b` line only when there
+    /// are any, so untagged sessions keep the exact text of before (older
+    /// readers ignore the line).
+    pub tags: Vec<String>,
+}
+
+/// Longest tag name.
+pub const MAX_TAG_LEN: usize = 32;
+/// Most tags on one session.
+pub const MAX_TAGS: usize = 16;
+
+/// A tag name: 1 to [`MAX_TAG_LEN`] letters, digits, `-`, `_` or `.`.
+pub fn validate_tag(tag: &str) -> Result<()> {
+    let ok = !tag.is_empty()
+        && tag.len() <= MAX_TAG_LEN
+        && tag.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        bail!("invalid tag {tag:?}: 1 to {MAX_TAG_LEN} letters, digits, '-', '_' or '.'");
+    }
+    Ok(())
 }
 
 impl SessionInfo {
     pub fn to_text(&self) -> String {
         let format = self.format_name();
         let previous = self.previous.as_ref().map_or("none", |p| p.as_str());
-        format!(
+        let mut text = format!(
             "version={INFO_VERSION}\nformat={format}\nchunksize={}\nvolsize={}\nprevious={previous}\nchunks={}\nbytes={}\nzeros={}\n",
             self.chunk_size, self.volume_size, self.chunks, self.bytes, self.zeros
-        )
+        );
+        if !self.tags.is_empty() {
+            text.push_str(&format!("tags={}\n", self.tags.join(",")));
+        }
+        text
     }
 
     /// Whether `text` is exactly what sparsebak writes for this info: today's
@@ -130,6 +164,16 @@ impl SessionInfo {
         if !chunk_size.is_power_of_two() || chunk_size > sparsebak_proto::msg::MAX_CHUNK_SIZE {
             bail!("bad chunk size {chunk_size} in info");
         }
+        let tags: Vec<String> = match kv.get("tags") {
+            None => Vec::new(),
+            Some(t) => t.split(',').map(str::to_string).collect(),
+        };
+        if tags.len() > MAX_TAGS {
+            bail!("info has {} tags (at most {MAX_TAGS})", tags.len());
+        }
+        for t in &tags {
+            validate_tag(t).context("info")?;
+        }
         Ok(SessionInfo {
             format,
             chunk_size,
@@ -138,6 +182,7 @@ impl SessionInfo {
             chunks: num("chunks")?,
             bytes: num("bytes")?,
             zeros: num("zeros")?,
+            tags,
         })
     }
 }
@@ -157,6 +202,7 @@ mod tests {
         let later = SessionId::next(now + TimeDelta::seconds(60), Some(&second)).expect("name");
         assert_eq!(later.as_str(), "S_20261129-083100");
         assert_eq!(later.date_time(), "20261129-083100");
+        assert_eq!(later.rfc3339(), "2026-11-29T08:31:00Z");
     }
 
     #[test]
@@ -177,8 +223,18 @@ mod tests {
             chunks: 3,
             bytes: 999,
             zeros: 7,
+            tags: Vec::new(),
         };
         assert_eq!(SessionInfo::parse(&info.to_text()).expect("parses"), info);
+        assert!(!info.to_text().contains("tags"), "no tags line without tags");
+        let tagged = SessionInfo { tags: vec!["before-upgrade".into(), "v1.2".into()], ..info.clone() };
+        assert!(tagged.to_text().ends_with("zeros=7\ntags=before-upgrade,v1.2\n"));
+        assert_eq!(SessionInfo::parse(&tagged.to_text()).expect("parses"), tagged);
+        assert!(SessionInfo::parse(&format!("{}tags=a b\n", info.to_text())).is_err());
+        assert!(SessionInfo::parse(&format!("{}tags=\n", info.to_text())).is_err());
+        for bad in ["", "a b", "x/y", "é", &"a".repeat(33)] {
+            assert!(validate_tag(bad).is_err(), "{bad:?}");
+        }
         let tar = SessionInfo { format: SessionFormat::Tar, ..info };
         assert_eq!(SessionInfo::parse(&tar.to_text()).expect("parses"), tar);
         assert!(SessionInfo::parse("format=folders\n").is_err());
@@ -194,6 +250,7 @@ mod tests {
             chunks: 1,
             bytes: 1,
             zeros: 0,
+            tags: Vec::new(),
         };
         let text = info.to_text();
         assert!(text.starts_with("version=1\n"), "{text}");

@@ -129,6 +129,12 @@ impl Receiver {
         }
     }
 
+    /// Replaces a committed session's info in the archive (sealed by the caller).
+    pub fn replace_info(&mut self, volume: &VolumeRef, session: &str, info: Vec<u8>) -> Result<()> {
+        let req = Request::ReplaceInfo { volume: volume.clone(), session: session.to_string(), info };
+        self.call_done(&req, "replace info")
+    }
+
     /// The pool folder's wrapped key file, if the archive has one.
     pub fn get_key(&mut self, pool: &str) -> Result<Option<Vec<u8>>> {
         match self.call(&Request::GetKey { pool: pool.to_string() })? {

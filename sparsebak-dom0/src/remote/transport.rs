@@ -263,6 +263,13 @@ impl Receiver {
         process.finish()
     }
 
+    /// Ends a conversation that failed and was reported already: the
+    /// receiver is stopped, its exit status no longer matters.
+    pub fn abandon(self) {
+        let (_, _, mut process) = self.split();
+        process.kill();
+    }
+
     /// Splits off the two halves for pipelined use (receive/verify): one
     /// thread sends requests while another reads answers.
     pub fn split(self) -> (RequestSink, ResponseSource, ReceiverProcess) {

@@ -249,7 +249,12 @@ impl Config {
     /// Checks a volume name given on the command line as this config's
     /// source allows it.
     pub fn validate_volume(&self, name: &str) -> Result<()> {
-        validate_volume_for(&self.source, name)
+        validate_volume_for(&self.source, name)?;
+        let folder = names::volume_folder_name(name);
+        match self.volumes.iter().find(|(n, _)| n != name && names::volume_folder_name(n) == folder) {
+            Some((configured, _)) => bail!("volume {name:?} is configured as {configured:?}: use that name"),
+            None => Ok(()),
+        }
     }
 
     /// The volumes a command works on: the named ones (each must be listed,
@@ -437,6 +442,8 @@ mod tests {
         assert_eq!(c.volumes, [("appvms/work/private.img".to_string(), true)]);
         assert!(c.validate_volume("vm-templates/fedora/root.img").is_ok());
         assert!(c.validate_volume("appvms/../x").is_err());
+        let e = c.validate_volume("appvms+work+private.img").expect_err("an alias of a path");
+        assert!(e.to_string().contains("configured as \"appvms/work/private.img\""), "{e}");
         let e = err_of(&format!("{text}appvms+work+private.img = enable\n"));
         assert!(e.contains("would share one folder"), "{e}");
         let e = err_of(&text.replace("appvms/work/private.img", "appvms/.work/private.img"));

@@ -87,7 +87,7 @@ fn random_op(rng: &mut Rng, img: &Path, scratch: &Path) -> String {
     let off = rng.below(len) & !0xfff;
     let n = 1 + rng.below(3 * CHUNK);
     let p = img.display().to_string();
-    match rng.below(8) {
+    match rng.below(10) {
         0 => {
             write_at(img, off, &random_bytes(rng.next(), n as usize));
             format!("overwrite {n} bytes at {off}")
@@ -131,6 +131,29 @@ fn random_op(rng: &mut Rng, img: &Path, scratch: &Path) -> String {
             let cmd = format!("reflink {} {soff} {doff} {dlen}", src.display());
             run("xfs_io", &["-c", &cmd, &p]);
             format!("reflink {dlen} bytes from the donor's {soff} to {doff}")
+        }
+        8 => {
+            // Keep a revision (a reflink copy, as Qubes keeps `*.img.N~`).
+            let rev = scratch.join(format!("revision-{}", rng.below(3)));
+            run("cp", &["--reflink=always", &p, &rev.display().to_string()]);
+            format!("keep a revision as {}", rev.display())
+        }
+        9 => {
+            // Revert: rename a kept revision over the image. Its extents are
+            // those the image had back then, maybe tick's own.
+            let revs: Vec<PathBuf> = std::fs::read_dir(scratch)
+                .expect("scratch")
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains("revision-"))
+                .collect();
+            match revs.get(rng.below(revs.len() as u64) as usize) {
+                Some(rev) => {
+                    std::fs::rename(rev, img).expect("revert");
+                    format!("revert to {}", rev.display())
+                }
+                None => "no revision to revert to".to_string(),
+            }
         }
         _ => {
             // Replace the whole file by renaming a modified copy over it.
@@ -253,7 +276,9 @@ fn killed_sends_and_monitors_are_recovered() {
     let mut copies = Vec::new();
     r.send(&mut copies);
     let mut k = 1;
+    let revision = r.env.path("images/revision.img");
     loop {
+        run("cp", &["--reflink=always", &img.display().to_string(), &revision.display().to_string()]);
         write_at(&img, (k % 30) * CHUNK + 77, &random_bytes(41 + k, 3000));
         let out = r.env.run_env(
             &["--passphrase-file", &r.env.passphrase_file().display().to_string(), "send"],
@@ -261,6 +286,7 @@ fn killed_sends_and_monitors_are_recovered() {
         );
         let err = String::from_utf8_lossy(&out.stderr);
         if out.status.success() {
+            std::fs::remove_file(&revision).expect("remove revision");
             // Past the last step: the send simply finished.
             assert!(!err.contains("test hook"), "{err}");
             assert!(k > 5, "a tracked send has at least 5 steps, stopped only {k} times");
@@ -268,9 +294,17 @@ fn killed_sends_and_monitors_are_recovered() {
             break;
         }
         assert!(err.contains("test hook"), "k={k}: {err}");
-        // The next send recovers and sends what the killed one did not.
-        write_at(&img, (k % 7) * CHUNK + 5, &random_bytes(60 + k, 100));
+        // Revert the image to what the last committed session holds (the
+        // copy made before this round's change, with the same extents as
+        // tick's): whatever the killed send left, the next send must see
+        // that the volume is not what the archive's newest session holds
+        // if the killed one committed, and must store it either way.
+        std::fs::rename(&revision, &img).expect("revert");
         r.send(&mut copies);
+        let newest = r.env.sessions().last().expect("a session").clone();
+        let restored = r.env.receive(Some(&newest), &format!("after-kill-{k}"));
+        assert_same_file(&restored, &img);
+        std::fs::remove_file(&restored).expect("remove");
         k += 1;
     }
     for k in 1..=4 {
@@ -314,4 +348,49 @@ fn lost_map_resync_reflink_off_and_delete() {
     r.env.ok(&["delete", "-u", VOL]);
     let left: Vec<_> = std::fs::read_dir(r.copies_dir()).expect("copies dir").flatten().map(|e| e.path()).collect();
     assert!(left.is_empty(), "copies left: {left:?}");
+}
+
+/// Tracking off for a while, then on again, with the image reverted to the
+/// state tick holds: tick no longer matches the archive, so the send must
+/// not trust it (it compares in full once).
+#[test]
+fn tracking_off_then_on_with_a_revert_is_sent() {
+    let r = ReflinkEnv::new(ReflinkFs::Btrfs, 256);
+    let img = r.env.image();
+    write_at(&img, 0, &random_bytes(90, 4 * MIB as usize));
+    let mut copies = Vec::new();
+    r.send(&mut copies);
+    let revision = r.env.path("images/revision.img");
+    run("cp", &["--reflink=always", &img.display().to_string(), &revision.display().to_string()]);
+    let config = std::fs::read_to_string(r.env.config()).expect("config");
+    std::fs::write(r.env.config(), config.replace("[volumes]", "reflink = off\n[volumes]")).expect("config");
+    write_at(&img, CHUNK, &random_bytes(91, 4096));
+    r.env.ok(&["send"]);
+    std::fs::write(r.env.config(), &config).expect("config");
+    std::fs::rename(&revision, &img).expect("revert to the first state");
+    let err = r.env.ok(&["send"]);
+    assert!(err.contains("comparing the whole volume"), "history not trusted after untracked sends: {err}");
+    let newest = r.env.sessions().last().expect("session").clone();
+    assert_same_file(&r.env.receive(Some(&newest), "reverted.img"), &img);
+}
+
+/// A send that compares in full (tick lost) killed after it made tock:
+/// the lone tock is promoted by the next run, which must not trust the old
+/// map with it.
+#[test]
+fn a_killed_full_compare_is_not_trusted_afterwards() {
+    let r = ReflinkEnv::new(ReflinkFs::Btrfs, 256);
+    let img = r.env.image();
+    write_at(&img, 0, &random_bytes(95, 4 * MIB as usize));
+    let mut copies = Vec::new();
+    r.send(&mut copies);
+    write_at(&img, 2 * CHUNK, &random_bytes(96, 4096));
+    std::fs::remove_file(r.copies_dir().join(format!("{VOL}.tick"))).expect("lose tick");
+    let pass = format!("--passphrase-file={}", r.env.passphrase_file().display());
+    let out = r.env.run_env(&[&pass, "send"], &[("SPARSEBAK_TEST_STOP_AFTER", "1")]);
+    assert!(!out.status.success(), "stopped after making tock");
+    let err = r.env.ok(&["send"]);
+    assert!(err.contains("comparing the whole volume"), "{err}");
+    let newest = r.env.sessions().last().expect("session").clone();
+    assert_same_file(&r.env.receive(Some(&newest), "after.img"), &img);
 }

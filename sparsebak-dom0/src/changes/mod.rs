@@ -20,4 +20,4 @@ mod tracking;
 pub use deltamap::{DeltaMap, LoadError};
 pub use reflink_tracking::{is_unsupported, ReflinkCopies};
 pub use scan::{Candidates, ScanJobs};
-pub use tracking::{ArchiveState, MonitorOutcome, Snapshots, TrackedVolume};
+pub use tracking::{forget_history, ArchiveState, MonitorOutcome, Snapshots, TrackedVolume};

@@ -11,12 +11,18 @@
 //!
 //! Ordering makes every interruption recoverable without losing a change:
 //! the map is saved before tock replaces tick, and cleared only after the
-//! receiver committed a session. A run that finds tick and tock removes the
-//! stale tock and compares again (marking twice is harmless); one that finds
-//! only tock finishes the interrupted rotation. When the history cannot be
-//! trusted (no tick, a missing or damaged map, a different chunk size, a
-//! comparison that failed), the send falls back to reading the whole volume
-//! and comparing chunk hashes with the archive's manifests.
+//! receiver committed a session and tock has replaced tick. A run that
+//! finds tick and tock removes the stale tock and compares again (marking
+//! twice is harmless); one that finds only tock finishes the interrupted
+//! rotation, which is right only because of the next rule. When the history
+//! cannot be trusted (no tick, a missing or damaged map, a different chunk
+//! size, a comparison that failed), the send falls back to reading the whole
+//! volume and comparing chunk hashes with the archive's manifests; and such
+//! a send (like a first one) removes the map before it makes tock, so that a
+//! kill before its commit leaves no map for a promoted tock to be trusted
+//! with. A send that does not track at all (`reflink = off`, a volume the
+//! copies cannot follow) removes the map too: tick no longer matches the
+//! archive's latest session after it.
 
 use super::{Candidates, DeltaMap, LoadError};
 use anyhow::{Context, Result};
@@ -205,12 +211,22 @@ impl<'a> TrackedVolume<'a> {
         Ok(MonitorOutcome::Tracked(marked))
     }
 
+    /// Makes tock for a send that does not fold changes into the map (a
+    /// first send, or one that compares the whole volume): the map goes
+    /// first, see the module comment.
+    fn make_untracked_tock(&self) -> Result<()> {
+        forget_history(&self.map_path)?;
+        self.copies.make_tock(&self.name)?;
+        step("tock made");
+        Ok(())
+    }
+
     /// Starts a send: makes tock and decides which chunks to look at.
     pub fn begin_send(&self, chunk_size: u64, archive: ArchiveState) -> Result<TrackedSend<'_>> {
         let has_tick = self.recover()?;
         let candidates = match archive {
             ArchiveState::New => {
-                self.copies.make_tock(&self.name)?;
+                self.make_untracked_tock()?;
                 match self.mapped_chunks(chunk_size) {
                     Ok(map) => Candidates::Marked { map, tail_start: u64::MAX },
                     Err(e) => {
@@ -224,7 +240,7 @@ impl<'a> TrackedVolume<'a> {
                 }
             }
             ArchiveState::Unusable => {
-                self.copies.make_tock(&self.name)?;
+                self.make_untracked_tock()?;
                 Candidates::AllData
             }
             ArchiveState::Archived { tail_start } => {
@@ -240,7 +256,7 @@ impl<'a> TrackedVolume<'a> {
                     Ok(map) => Candidates::Marked { map, tail_start },
                     Err(why) => {
                         log::warn!("{}: change history unusable ({why}); comparing the whole volume", self.name);
-                        self.copies.make_tock(&self.name)?;
+                        self.make_untracked_tock()?;
                         Candidates::AllData
                     }
                 }
@@ -289,6 +305,13 @@ impl<'a> TrackedVolume<'a> {
     }
 }
 
+/// Removes a volume's delta map durably: its history no longer describes
+/// the way from tick to the archive's latest session, so the next tracked
+/// send compares the whole volume once. Also for sends that do not track.
+pub fn forget_history(map_path: &Path) -> Result<()> {
+    sparsebak_fsutil::remove_file_durably(map_path)
+}
+
 /// A send in progress: owns tock. Dropped without `finish`, it removes tock
 /// (the map keeps what was folded in, so nothing is lost).
 pub struct TrackedSend<'a> {
@@ -307,13 +330,16 @@ impl TrackedSend<'_> {
         self.candidates.take().context("candidates already taken")
     }
 
-    /// After the receiver committed (or nothing changed): clear the map and
-    /// let tock replace tick.
+    /// After the receiver committed (or nothing changed): tock replaces
+    /// tick, then the map is cleared. In that order: a kill in between
+    /// leaves the old marks beside the new tick (read again for nothing),
+    /// never a cleared map beside the old tick.
     pub fn finish(mut self, chunk_size: u64, size: u64) -> Result<()> {
         self.done = true;
+        self.volume.rotate()?;
         DeltaMap::for_volume(chunk_size, size)?.save(&self.volume.map_path)?;
         step("delta map cleared");
-        self.volume.rotate()
+        Ok(())
     }
 }
 

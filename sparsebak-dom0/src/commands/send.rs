@@ -15,7 +15,7 @@
 
 use super::Tracking;
 use super::{prune, Ctx};
-use crate::changes::{is_unsupported, ArchiveState, Candidates, ScanJobs, TrackedVolume};
+use crate::changes::{forget_history, is_unsupported, ArchiveState, Candidates, ScanJobs, TrackedVolume};
 use crate::chunk::{self, pipeline, ChunkCodec, Packed};
 use crate::config::SourceKind;
 use crate::crypto::Keys;
@@ -167,7 +167,12 @@ fn send_volume(
     let (mut source, candidates, tracked) = match begun_send {
         Some(mut t) => (ImageVolume::open(&t.path()?)?, t.take_candidates()?, Some(t)),
         None => match &ctx.config.source {
-            SourceKind::Local { dir } => (ImageVolume::open(&dir.join(name))?, Candidates::AllData, None),
+            SourceKind::Local { dir } => {
+                // Any tick of it stops matching the archive with this
+                // session: its history must not be trusted later.
+                forget_history(vm.deltamap_path())?;
+                (ImageVolume::open(&dir.join(name))?, Candidates::AllData, None)
+            }
             SourceKind::Lvm { .. } => bail!("internal error: an LVM volume without its snapshots"),
         },
     };

@@ -24,6 +24,11 @@ command -v python3 >/dev/null || need+=(python3)
 command -v mkfs.btrfs >/dev/null || need+=(btrfs-progs)
 command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 command -v xfs_io >/dev/null || need+=(xfsprogs)
+# Real NBD clients for `sparsebak export`.
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v qemu-io >/dev/null || need+=(qemu-utils)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v nbdcopy >/dev/null || need+=(libnbd-bin)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null

@@ -62,6 +62,14 @@ pub struct Cli {
     #[arg(long)]
     pub dry_run: bool,
 
+    /// export: the Unix socket to serve NBD on (created with mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// export: stop after the first client disconnects.
+    #[arg(long)]
+    pub once: bool,
+
     /// list: print one JSON document (fields in the README).
     #[arg(long)]
     pub json: bool,
@@ -104,6 +112,8 @@ pub enum CommandName {
     /// Remove sessions (--session DT or DT1,DT2, or by --keep-* rules),
     /// merging their chunks into the next newer session.
     Prune,
+    /// Serve a session read-only over NBD (--socket PATH [--session DT] [--once]).
+    Export,
     /// Label a session: `tag VOLUME DT NAME`.
     Tag,
     /// Remove a label: `untag VOLUME DT NAME`.

@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod config;
 mod crypto;
+mod export;
 mod hex;
 mod interrupt;
 mod meta;

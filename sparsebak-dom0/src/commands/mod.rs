@@ -14,6 +14,7 @@ macro_rules! outln {
 }
 
 mod delete;
+mod export;
 mod list;
 mod monitor;
 mod prune;
@@ -122,6 +123,8 @@ fn check_options(cli: &Cli) -> Result<()> {
         ("--dry-run", cli.dry_run, cli.command == Prune),
         ("--json", cli.json, cli.command == List),
         ("--save-to", cli.save_to.is_some(), cli.command == Receive),
+        ("--socket", cli.socket.is_some(), cli.command == Export),
+        ("--once", cli.once, cli.command == Export),
     ];
     if let Some((option, _, _)) = misplaced.iter().find(|(_, given, fits)| *given && !*fits) {
         bail!("{option} does not apply to {}", format!("{:?}", cli.command).to_lowercase());
@@ -201,6 +204,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         CommandName::Monitor => monitor::run(&ctx),
         CommandName::Resync => resync::run(&ctx),
         CommandName::Prune => prune::run(&ctx),
+        CommandName::Export => export::run(&ctx),
         CommandName::Tag => tag::run(&ctx, true),
         CommandName::Untag => tag::run(&ctx, false),
         CommandName::Delete => delete::run(&ctx),

@@ -129,6 +129,16 @@ impl Receiver {
         }
     }
 
+    /// Reads several chunks in one pipelined batch: every request goes out
+    /// first, then the answers are read in the same order.
+    pub fn read_chunks(&mut self, volume: &VolumeRef, chunks: &[(&str, u64)]) -> Result<Vec<ChunkAnswer>> {
+        for (session, addr) in chunks {
+            self.requests.read_chunk(volume, session, *addr)?;
+        }
+        self.requests.flush()?;
+        chunks.iter().map(|_| self.responses.chunk()).collect()
+    }
+
     /// Replaces a committed session's info in the archive (sealed by the caller).
     pub fn replace_info(&mut self, volume: &VolumeRef, session: &str, info: Vec<u8>) -> Result<()> {
         let req = Request::ReplaceInfo { volume: volume.clone(), session: session.to_string(), info };

@@ -72,6 +72,22 @@ pub fn create_file_durably(path: &Path, data: &[u8]) -> Result<()> {
     fsync_dir(dir)
 }
 
+/// Makes way for a file that a killed run of ours may have left at `path`:
+/// removes it when `ours` says its type is the kind we leave (never
+/// following a link), refuses anything else with an error naming it, and
+/// does nothing when the path is free. `what` names our kind in the error
+/// ("a regular file", "a socket").
+pub fn remove_stale(path: &Path, ours: impl Fn(&std::fs::FileType) -> bool, what: &str) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if ours(&m.file_type()) => {
+            std::fs::remove_file(path).with_context(|| format!("removing the leftover {}", path.display()))
+        }
+        Ok(_) => bail!("{} exists and is not {what} (a link?); remove it or choose another path", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("checking {}", path.display())),
+    }
+}
+
 /// `path` with `suffix` appended to its last component (`S_x` -> `S_x-tmp`).
 pub fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
     let mut name = path.as_os_str().to_owned();

@@ -82,14 +82,7 @@ fn serve_clients(listener: &UnixListener, image: &mut SessionImage, once: bool) 
 /// A socket left by a killed export is replaced; any other file there is
 /// refused, a link never followed.
 fn listen(path: &Path) -> Result<UnixListener> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?
-        }
-        Ok(_) => bail!("{} exists and is not a socket; choose another --socket", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
-    }
+    sparsebak_fsutil::remove_stale(path, FileTypeExt::is_socket, "a socket")?;
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let bound = UnixListener::bind(path);
     nix::sys::stat::umask(old);

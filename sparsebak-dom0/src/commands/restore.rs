@@ -258,14 +258,7 @@ impl Sink {
 /// A regular file of that name is a killed receive's leftover and goes
 /// first; anything else is refused. Mode 0600: a disk image holds secrets.
 fn create_temp_file(tmp: &Path) -> Result<File> {
-    match std::fs::symlink_metadata(tmp) {
-        Ok(m) if m.file_type().is_file() => {
-            std::fs::remove_file(tmp).with_context(|| format!("removing the leftover {}", tmp.display()))?
-        }
-        Ok(_) => bail!("{} exists and is not a regular file (a link?); remove it or restore elsewhere", tmp.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("checking {}", tmp.display())),
-    }
+    sparsebak_fsutil::remove_stale(tmp, std::fs::FileType::is_file, "a regular file")?;
     OpenOptions::new()
         .write(true)
         .create_new(true)

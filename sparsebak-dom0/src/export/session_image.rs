@@ -146,6 +146,35 @@ fn unnamed_file(dir: &std::path::Path) -> Result<File> {
     }
 }
 
+/// What the workers that open fetched chunks need (the image itself holds
+/// the receiver, which stays on the serving thread).
+struct Opener<'a> {
+    keys: Option<&'a Keys>,
+    volume: &'a VolumeRef,
+    sessions: &'a [SessionId],
+    size: u64,
+    chunk_size: u64,
+}
+
+impl Opener<'_> {
+    /// One fetched chunk checked and opened as `receive` does.
+    fn open(&self, job: &((u64, Located), Result<Vec<u8>, String>)) -> (u64, Result<Vec<u8>, String>) {
+        let ((addr, loc), answer) = job;
+        let len = self.chunk_size.min(self.size - addr) as usize;
+        let session = self.sessions[loc.session].as_str();
+        let origin = match &loc.state {
+            ChunkState::Stored { origin: Some(o), .. } => o.as_str(),
+            _ => session,
+        };
+        let codec = ChunkCodec { keys: self.keys, volume: self.volume };
+        let result = match answer {
+            Ok(data) => chunk::unpack(data, &loc.state, len, &codec, origin, *addr).map_err(|e| e.to_string()),
+            Err(why) => Err(format!("missing or unreadable in the archive ({why})")),
+        };
+        (*addr, result)
+    }
+}
+
 /// What the export serves.
 pub struct SessionImage<'k> {
     name: String,
@@ -235,23 +264,32 @@ impl<'k> SessionImage<'k> {
         let requests: Vec<(&str, u64)> =
             wanted.iter().map(|(addr, loc)| (self.sessions[loc.session].as_str(), *addr)).collect();
         let answers = self.rx.read_chunks(&self.volume, &requests)?;
+        let jobs: Vec<_> = wanted.into_iter().zip(answers).collect();
+        // Checking, opening and decompressing is the costly part: one
+        // worker per core, each on its share of the batch.
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len().max(1));
+        let per_worker = jobs.len().div_ceil(workers);
+        let opener = Opener {
+            keys: self.keys,
+            volume: &self.volume,
+            sessions: &self.sessions,
+            size: self.size,
+            chunk_size: self.chunk_size,
+        };
+        let opener = &opener;
+        let results: Vec<(u64, Result<Vec<u8>, String>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = jobs
+                .chunks(per_worker.max(1))
+                .map(|share| scope.spawn(move || share.iter().map(|job| opener.open(job)).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+        });
         let mut failure = None;
-        let codec = ChunkCodec { keys: self.keys, volume: &self.volume };
         let mut decoded = Vec::new();
-        for ((addr, loc), answer) in wanted.iter().zip(answers) {
-            let len = self.chunk_size.min(self.size - addr) as usize;
-            let session = self.sessions[loc.session].as_str();
-            let origin = match &loc.state {
-                ChunkState::Stored { origin: Some(o), .. } => o.as_str().to_string(),
-                _ => session.to_string(),
-            };
-            let result = match answer {
-                Ok(data) => chunk::unpack(&data, &loc.state, len, &codec, &origin, *addr).map_err(|e| e.to_string()),
-                Err(why) => Err(format!("missing or unreadable in the archive ({why})")),
-            };
+        for (addr, result) in results {
             match result {
-                Ok(plain) => decoded.push((*addr, plain)),
-                Err(why) if must.contains(addr) => {
+                Ok(plain) => decoded.push((addr, plain)),
+                Err(why) if must.contains(&addr) => {
                     let line = format!(
                         "{} session {} chunk x{addr:016x}: {why}",
                         self.name,

@@ -10,6 +10,14 @@ pub const MAX_NAME_LEN: usize = 112;
 /// Length of `S_YYYYMMDD-HHMMSS`.
 const SESSION_NAME_LEN: usize = 17;
 
+/// Characters that do not show as themselves: control characters, and the
+/// format characters that reorder or hide text (bidi overrides,
+/// zero-width). Never part of a path, and escaped wherever text is shown.
+pub fn is_hidden_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
 /// A volume or LVM name: `[A-Za-z0-9+_.-]`, not starting with `-` or `.`.
 pub fn validate_volume_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
@@ -74,13 +82,16 @@ pub fn validate_session_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Longest destination mount point or directory accepted.
+pub const MAX_PATH_LEN: usize = 1024;
+
 /// A relative destination directory: plain path components only.
 pub fn validate_dest_dir(dir: &str) -> Result<()> {
-    if dir.is_empty() || dir.starts_with('/') {
-        bail!("invalid destination dir {dir:?}: must be a non-empty relative path");
+    if dir.is_empty() || dir.starts_with('/') || dir.len() > MAX_PATH_LEN {
+        bail!("invalid destination dir: must be a non-empty relative path of at most {MAX_PATH_LEN} bytes");
     }
     for part in dir.split('/') {
-        if part.is_empty() || part == "." || part == ".." || part.chars().any(char::is_control) {
+        if part.is_empty() || part == "." || part == ".." || part.chars().any(is_hidden_char) {
             bail!("invalid destination dir {dir:?}: bad component {part:?}");
         }
     }
@@ -89,10 +100,10 @@ pub fn validate_dest_dir(dir: &str) -> Result<()> {
 
 /// An absolute mount point path without `.`/`..` components.
 pub fn validate_mountpoint(path: &str) -> Result<()> {
-    if !path.starts_with('/') {
-        bail!("invalid destination mount point {path:?}: must be absolute");
+    if !path.starts_with('/') || path.len() > MAX_PATH_LEN {
+        bail!("invalid destination mount point: must be an absolute path of at most {MAX_PATH_LEN} bytes");
     }
-    if path.split('/').any(|p| p == "." || p == ".." || p.chars().any(char::is_control)) {
+    if path.split('/').any(|p| p == "." || p == ".." || p.chars().any(is_hidden_char)) {
         bail!("invalid destination mount point {path:?}: no '.', '..' or control characters");
     }
     Ok(())
@@ -108,6 +119,16 @@ impl crate::msg::VolumeRef {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hidden_characters_are_not_part_of_paths() {
+        assert!(validate_dest_dir("backups/\u{202e}evil").is_err());
+        assert!(validate_dest_dir("back\u{200b}ups").is_err());
+        assert!(validate_mountpoint("/mnt/\u{1b}x").is_err());
+        assert!(validate_dest_dir("sauvegardes/été").is_ok());
+        assert!(validate_dest_dir(&"d".repeat(MAX_PATH_LEN + 1)).is_err());
+        assert!(validate_mountpoint(&format!("/{}", "m".repeat(MAX_PATH_LEN))).is_err());
+    }
+
     #[test]
     fn volume_paths() {
         assert!(validate_volume_path("appvms/work/private.img").is_ok());

@@ -208,3 +208,19 @@ fn closed_or_full_output_never_panics() {
         assert_no_panic(receiver, &["version".into()], b"", out, err);
     }
 }
+
+/// Values from the config echoed in errors are escaped and bounded like
+/// the receiver's text: one line, no raw control characters.
+#[test]
+fn config_values_in_errors_are_escaped_and_cut() {
+    let env = Env::new(16);
+    let good = std::fs::read_to_string(env.config()).expect("config");
+    let long = "y".repeat(100_000);
+    for value in ["a\u{1b}[2Jb", "\u{202e}evil", long.as_str()] {
+        std::fs::write(env.config(), good.replace("destdir = backups", &format!("destdir = {value}"))).expect("config");
+        let err = env.fails(&["list"]);
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+        assert!(!err.contains('\u{1b}') && !err.contains('\u{202e}'), "escaped: {err:?}");
+        assert!(err.len() < 5000, "cut: {} bytes", err.len());
+    }
+}

@@ -26,7 +26,7 @@ pub fn printable_within(text: &str, max: usize) -> String {
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             c if (c as u32) < 0x100 && c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c if c.is_control() || is_invisible(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c if sparsebak_proto::names::is_hidden_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
             c => out.push(c),
         }
         if out.len() > max {
@@ -41,11 +41,6 @@ pub fn printable_within(text: &str, max: usize) -> String {
 /// What ends a message cut `more` bytes short.
 pub fn cut_note(more: usize) -> String {
     format!("... ({more} more bytes)")
-}
-
-/// Format characters that change how the rest of a line reads.
-fn is_invisible(c: char) -> bool {
-    matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
 }
 
 #[cfg(test)]

@@ -8,12 +8,12 @@
 //! session meanwhile makes reads of its moved chunks fail (EIO, as for any
 //! chunk the receiver cannot give); nothing wrong is ever served.
 
-use super::Ctx;
+use super::{Ctx, ReadChain};
 use crate::export::{nbd, SessionImage};
 use crate::interrupt;
 use crate::meta::MetaDir;
-use crate::remote::{rollback, Receiver};
-use anyhow::{anyhow, bail, Context, Result};
+use crate::remote::Receiver;
+use anyhow::{bail, Context, Result};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -34,18 +34,8 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let keys = ctx.keys(&meta)?;
     let volume = ctx.volume_ref(name);
     let mut rx = Receiver::connect(&ctx.config)?;
-    super::settle_interrupted(&vm, &mut rx, keys.as_ref(), &volume)?;
-    let sessions = vm.sessions()?;
-    rollback::check(&volume, &sessions, &rollback::archive_sessions(&mut rx, &volume)?)?;
-    let target = match ctx.session_option()? {
-        Some(w) => sessions
-            .iter()
-            .position(|s| *s == w)
-            .ok_or_else(|| anyhow!("volume {name:?} has no session {} (see `sparsebak list {name}`)", w.date_time()))?,
-        None => sessions.len().checked_sub(1).context("no sessions")?,
-    };
-    let upto = sessions[..=target].to_vec();
-    let session = upto[target].clone();
+    let ReadChain { upto, .. } = ctx.read_chain(name, &vm, &mut rx, keys.as_ref(), &volume)?;
+    let session = upto.last().context("no session")?.clone();
     let info = vm.info(&session)?;
     let mut image = SessionImage::new(name, &vm, volume, keys.as_ref(), upto, info.volume_size, info.chunk_size, rx)?;
     drop(meta);

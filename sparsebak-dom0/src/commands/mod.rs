@@ -110,11 +110,50 @@ impl Ctx<'_> {
     }
 }
 
+/// The sessions a read of a volume (`receive`, `verify`, `export`) works
+/// with, once an interrupted prune or tag change is settled and the archive
+/// is checked for a rollback.
+pub struct ReadChain {
+    /// dom0's sessions of the volume, oldest first.
+    pub sessions: Vec<SessionId>,
+    /// Those up to and including the one to read (`--session`, else the
+    /// latest).
+    pub upto: Vec<SessionId>,
+    /// The archive's sessions of the volume.
+    pub archive: Vec<SessionId>,
+}
+
+impl Ctx<'_> {
+    pub fn read_chain(
+        &self,
+        name: &str,
+        vm: &crate::meta::VolumeMeta,
+        rx: &mut crate::remote::Receiver,
+        keys: Option<&Keys>,
+        volume: &VolumeRef,
+    ) -> Result<ReadChain> {
+        settle_interrupted(vm, rx, keys, volume)?;
+        let sessions = vm.sessions()?;
+        if sessions.is_empty() {
+            bail!("volume {name:?} has no sessions in {}", self.config.meta_dir.display());
+        }
+        let target = match self.session_option()? {
+            Some(w) => sessions.iter().position(|s| *s == w).ok_or_else(|| {
+                anyhow::anyhow!("volume {name:?} has no session {} (see `sparsebak list {name}`)", w.date_time())
+            })?,
+            None => sessions.len() - 1,
+        };
+        let archive = crate::remote::rollback::archive_sessions(rx, volume)?;
+        crate::remote::rollback::check(volume, &sessions, &archive)?;
+        Ok(ReadChain { upto: sessions[..=target].to_vec(), sessions, archive })
+    }
+}
+
 /// Options that belong to one command are an error with any other (a
 /// misplaced `--keep-last` must not be silently ignored).
 fn check_options(cli: &Cli) -> Result<()> {
     use CommandName::*;
-    let keep = [cli.keep_last, cli.keep_hourly, cli.keep_daily, cli.keep_weekly, cli.keep_monthly, cli.keep_yearly];
+    let keep = cli.keep_options();
     let misplaced = [
         ("--tag", !cli.tag.is_empty(), cli.command == Send),
         ("--autoprune", cli.autoprune, cli.command == Send),

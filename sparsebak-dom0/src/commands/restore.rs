@@ -10,7 +10,7 @@
 //! renamed over it only when every chunk checked out, so a failed receive
 //! never leaves a half-restored file behind.
 
-use super::Ctx;
+use super::{Ctx, ReadChain};
 use crate::chunk::{self, pipeline, ChunkCodec, ChunkFault};
 use crate::crypto::Keys;
 use crate::interrupt::{self, TempFileGuard};
@@ -67,7 +67,8 @@ fn run_on(ctx: &Ctx, mode: Mode, names: &[String]) -> Result<()> {
     };
     let meta = MetaDir::lock(&ctx.config.meta_dir)?;
     let keys = ctx.keys(&meta)?;
-    let wanted = ctx.session_option()?;
+    // A bad --session fails before any receiver is started.
+    ctx.session_option()?;
     let mut failures = Vec::new();
     for name in names {
         ctx.config.validate_volume(name)?;
@@ -77,20 +78,7 @@ fn run_on(ctx: &Ctx, mode: Mode, names: &[String]) -> Result<()> {
         }
         let volume = ctx.volume_ref(name);
         let mut rx = Receiver::connect(&ctx.config)?;
-        super::settle_interrupted(&vm, &mut rx, keys.as_ref(), &volume)?;
-        let sessions = vm.sessions()?;
-        if sessions.is_empty() {
-            bail!("volume {name:?} has no sessions in {}", ctx.config.meta_dir.display());
-        }
-        let target = match &wanted {
-            Some(w) => sessions.iter().position(|s| s == w).ok_or_else(|| {
-                anyhow!("volume {name:?} has no session {} (see `sparsebak list {name}`)", w.date_time())
-            })?,
-            None => sessions.len() - 1,
-        };
-        let upto = sessions[..=target].to_vec();
-        let archive = rollback::archive_sessions(&mut rx, &volume)?;
-        rollback::check(&volume, &sessions, &archive)?;
+        let ReadChain { sessions, upto, archive } = ctx.read_chain(name, &vm, &mut rx, keys.as_ref(), &volume)?;
         if mode == Mode::Verify {
             for s in rollback::unrecorded(&sessions, &archive) {
                 let line = format!("{name}: the archive holds session {} that dom0 has no record of", s.date_time());
@@ -99,7 +87,12 @@ fn run_on(ctx: &Ctx, mode: Mode, names: &[String]) -> Result<()> {
             }
             failures.extend(check_metadata(&mut rx, &vm, keys.as_ref(), &volume, &upto)?);
         }
-        let job = RestoreJob { info: vm.info(&upto[target])?, merged: vm.merged(&upto)?, sessions: upto, volume };
+        let job = RestoreJob {
+            info: vm.info(upto.last().context("no session")?)?,
+            merged: vm.merged(&upto)?,
+            sessions: upto,
+            volume,
+        };
         let outcome = restore_volume(rx, job, output.as_ref(), keys.as_ref())?;
         if let Some(f) = outcome {
             failures.push(f);

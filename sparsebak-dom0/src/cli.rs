@@ -95,6 +95,14 @@ pub struct Cli {
     pub volumes: Vec<String>,
 }
 
+impl Cli {
+    /// The `--keep-*` options, in the order last, hourly, daily, weekly,
+    /// monthly, yearly.
+    pub fn keep_options(&self) -> [Option<u32>; 6] {
+        [self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly, self.keep_monthly, self.keep_yearly]
+    }
+}
+
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CommandName {
     /// Back up changed chunks of the volumes.

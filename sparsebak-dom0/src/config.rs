@@ -179,12 +179,9 @@ impl Config {
                 ),
             },
         };
-        let encryption = on_off(var.get("encryption"), "encryption")?;
-        let reflink = on_off(var.get("reflink"), "reflink")?;
-        let autoprune = !matches!(var.get("autoprune").map(str::trim), None | Some("off"));
-        if autoprune && var.get("autoprune").map(str::trim) != Some("on") {
-            bail!("key \"autoprune\": {:?} must be on or off", var.get("autoprune").unwrap_or_default());
-        }
+        let encryption = on_off(var.get("encryption"), "encryption", true)?;
+        let reflink = on_off(var.get("reflink"), "reflink", true)?;
+        let autoprune = on_off(var.get("autoprune"), "autoprune", false)?;
         let retention = match ini.section(Some("retention")) {
             Some(section) => parse_retention(section)?,
             None => KeepRules::default(),
@@ -304,10 +301,11 @@ fn parse_retention(section: &ini::Properties) -> Result<KeepRules> {
     })
 }
 
-/// An `on`/`off` key, on when absent.
-fn on_off(value: Option<&str>, key: &str) -> Result<bool> {
+/// An `on`/`off` key, `absent` when not given.
+fn on_off(value: Option<&str>, key: &str, absent: bool) -> Result<bool> {
     match value.map(str::trim) {
-        None | Some("on") => Ok(true),
+        None => Ok(absent),
+        Some("on") => Ok(true),
         Some("off") => Ok(false),
         Some(other) => bail!("key {key:?}: {other:?} must be on or off"),
     }

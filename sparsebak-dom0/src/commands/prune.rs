@@ -56,15 +56,9 @@ enum Selection {
 
 fn selection(ctx: &Ctx) -> Result<Selection> {
     let cli = ctx.cli;
-    let given = [cli.keep_last, cli.keep_hourly, cli.keep_daily, cli.keep_weekly, cli.keep_monthly, cli.keep_yearly];
-    let from_cli = KeepRules {
-        last: cli.keep_last.unwrap_or(0),
-        hourly: cli.keep_hourly.unwrap_or(0),
-        daily: cli.keep_daily.unwrap_or(0),
-        weekly: cli.keep_weekly.unwrap_or(0),
-        monthly: cli.keep_monthly.unwrap_or(0),
-        yearly: cli.keep_yearly.unwrap_or(0),
-    };
+    let given = cli.keep_options();
+    let [last, hourly, daily, weekly, monthly, yearly] = given.map(|n| n.unwrap_or(0));
+    let from_cli = KeepRules { last, hourly, daily, weekly, monthly, yearly };
     match (cli.session.as_deref(), given.iter().any(Option::is_some)) {
         (Some(_), true) => bail!("--session and --keep-* rules do not mix: prune named sessions or prune by rules"),
         (Some(_), false) if cli.dry_run => {

@@ -239,14 +239,7 @@ impl Receiver {
     /// Adds how the receiver ended to `e`, once it has (it usually has
     /// when its stdout ended; it gets a moment to do so).
     fn with_exit_status(&mut self, e: anyhow::Error) -> anyhow::Error {
-        let deadline = Instant::now() + STDERR_GRACE;
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                _ => return e,
-            }
-        };
+        let Ok(Some(status)) = exit_within(&mut self.child, STDERR_GRACE) else { return e };
         // Show what it said on its way out before our own error.
         let _ = self.stderr_done.recv_timeout(STDERR_GRACE);
         match status.success() {
@@ -301,32 +294,45 @@ impl ReceiverProcess {
     /// confirmed, so a straggler is stopped with a warning; the command's
     /// result stands.
     pub fn finish(mut self) -> Result<()> {
-        let deadline = Instant::now() + self.limit;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            if let Some(status) = self.child.try_wait().context("waiting for the receiver")? {
+        match exit_within(&mut self.child, self.limit).context("waiting for the receiver")? {
+            Some(status) => {
                 let _ = self.stderr_done.recv_timeout(STDERR_GRACE);
                 if !status.success() {
                     bail!("{}", how_it_ended(&self.dest, status));
                 }
-                return Ok(());
+                Ok(())
             }
-            if Instant::now() >= deadline {
+            None => {
                 self.kill();
                 log::warn!(
                     "the receiver did not exit within {} s (idletimeout) after its work was done; stopped it",
                     self.limit.as_secs()
                 );
-                return Ok(());
+                Ok(())
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The child's exit status once it exits, waiting at most `limit`
+/// (polling: std has no wait with a timeout); `None` if it is still running.
+fn exit_within(child: &mut Child, limit: Duration) -> std::io::Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 

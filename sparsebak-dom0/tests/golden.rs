@@ -276,7 +276,7 @@ fn newer_format_versions_are_refused_naming_file_and_versions() {
     std::fs::write(&key, format!("version=5\nkey={}", hex.trim())).expect("write key");
     let line = single_error_line(&env.fails(&["verify", "vol2.img"])).to_string();
     assert!(line.contains(&key.display().to_string()) && line.contains("format version 5"), "{line}");
-    assert!(line.contains("(version 1)"), "{line}");
+    assert!(line.contains("(version 2)"), "{line}");
     // The same key in today's form loads.
     std::fs::write(&key, format!("version=1\nkey={}", hex.trim())).expect("write key");
     env.ok(&["verify", "vol2.img"]);

@@ -24,8 +24,9 @@ pub fn is_zero(data: &[u8]) -> bool {
 }
 
 /// How the chunks of one volume are hashed and sealed: plain SHA-256 and no
-/// sealing for an unencrypted archive; keyed hash and XChaCha20-Poly1305
-/// bound to volume, origin session and address for an encrypted one.
+/// sealing for an unencrypted archive; the archive's keyed hash and chunk
+/// hashes ([`crate::crypto::ChunkHash`]) and XChaCha20-Poly1305 bound to
+/// volume, origin session and address for an encrypted one.
 #[derive(Clone, Copy)]
 pub struct ChunkCodec<'a> {
     pub keys: Option<&'a Keys>,
@@ -36,6 +37,14 @@ impl ChunkCodec<'_> {
     pub fn plain_hash(&self, data: &[u8]) -> Hash {
         match self.keys {
             Some(k) => k.plain_hash(data),
+            None => sha256(data),
+        }
+    }
+
+    /// The hash of the bytes as stored, for the manifest.
+    fn stored_hash(&self, data: &[u8]) -> Hash {
+        match self.keys {
+            Some(k) => k.stored_hash(data),
             None => sha256(data),
         }
     }
@@ -149,7 +158,7 @@ pub fn pack(job: ChunkJob, codec: &ChunkCodec, session: &str) -> Result<(u64, Pa
         Decision::Zero => Packed::Zero,
         Decision::Changed { plain, data } => {
             let data = codec.seal(session, addr, compress(&data)?)?;
-            Packed::Stored { plain, stored: sha256(&data), data }
+            Packed::Stored { plain, stored: codec.stored_hash(&data), data }
         }
     };
     Ok((addr, packed))
@@ -274,7 +283,7 @@ mod tests {
     fn pack_decides_by_previous_state() {
         let v = volume();
         decides_by_previous_state(&ChunkCodec { keys: None, volume: &v });
-        let keys = Keys::from_data_key(&crate::crypto::new_data_key().expect("key"));
+        let keys = Keys::new(&crate::crypto::ArchiveKey::generate().expect("key"));
         decides_by_previous_state(&ChunkCodec { keys: Some(&keys), volume: &v });
     }
 
@@ -300,7 +309,7 @@ mod tests {
     #[test]
     fn sealed_chunks_hide_content_and_bind_their_place() {
         let v = volume();
-        let keys = Keys::from_data_key(&crate::crypto::new_data_key().expect("key"));
+        let keys = Keys::new(&crate::crypto::ArchiveKey::generate().expect("key"));
         let codec = ChunkCodec { keys: Some(&keys), volume: &v };
         let data = b"MARKER-0123456789".repeat(500);
         let (state, packed) = stored_state(pack(job(Some(data.clone()), None), &codec, S1).expect("packs").1);

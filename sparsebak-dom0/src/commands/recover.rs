@@ -12,7 +12,7 @@
 //! the recovered sessions are listed so the user can judge.
 
 use super::{restore, Ctx};
-use crate::crypto::{keyfile, passphrase, DataKey, Keys};
+use crate::crypto::{keyfile, passphrase, ArchiveKey, Keys};
 use crate::meta::{recover_marker_path, ManifestReader, MetaDir, SessionId, SessionInfo, VolumeMeta};
 use crate::remote::{
     archive_key,
@@ -98,12 +98,12 @@ fn discard_partial_recover(meta: &MetaDir, ctx: &Ctx, marker: &Path, key_path: &
 
 /// Unwraps the archive's key with the passphrase (dom0 keeps it once every
 /// volume is recovered); an archive without a key must be an unencrypted one.
-fn recover_key(ctx: &Ctx, rx: &mut Receiver) -> Result<(Option<Keys>, Option<DataKey>)> {
+fn recover_key(ctx: &Ctx, rx: &mut Receiver) -> Result<(Option<Keys>, Option<ArchiveKey>)> {
     match (archive_key::archive_wrapped_key(ctx.key_scope(), rx)?, ctx.config.encryption) {
         (Some(wrapped), true) => {
             let pass = passphrase::existing(ctx.cli.passphrase_file.as_deref())?;
             let key = wrapped.unwrap_key(&pass, &ctx.pool_dir)?;
-            Ok((Some(Keys::from_data_key(&key)), Some(key)))
+            Ok((Some(Keys::new(&key)), Some(key)))
         }
         (Some(_), false) => bail!("the archive of {} is encrypted, but the config says encryption = off", ctx.pool_dir),
         (None, true) => bail!(

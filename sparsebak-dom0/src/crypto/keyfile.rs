@@ -1,8 +1,9 @@
 //! Where the data key is kept, and its passphrase-wrapped copy.
 //!
-//! - dom0: `META/VG%POOL/.sparsebak-key`, `version=1` and `key=` the raw key
-//!   in hex (version 1 files from before versions hold the bare hex key),
-//!   mode 0600, written durably. Routine commands read it and never need a passphrase.
+//! - dom0: `META/VG%POOL/.sparsebak-key`, `version=`, `key=` the raw key in
+//!   hex and (version 2) `chunk_hash=`; version 1 files from before versions
+//!   hold the bare hex key. Mode 0600, written durably. Routine commands
+//!   read it and never need a passphrase.
 //! - archive: `DEST/VG%POOL/.sparsebak-key`, the key sealed under a key
 //!   derived from the passphrase with Argon2id, with the KDF parameters and
 //!   salt beside it (text `key=value` lines), so that a new dom0 can rebuild
@@ -10,8 +11,13 @@
 //!
 //! The leading dot keeps both files clear of volume names, which may not
 //! start with one.
+//!
+//! The version of a key file also says which chunk hashes its archive uses
+//! ([`ChunkHash`]): version 1 HMAC-SHA256, version 2 the one its
+//! `chunk_hash=` line names (keyed BLAKE3). An archive keeps the version its
+//! key was made with; new keys are version 2.
 
-use crate::crypto::{open_with, seal_with, Aad, DataKey};
+use crate::crypto::{open_with, seal_with, Aad, ArchiveKey, ChunkHash, DataKey};
 use crate::hex;
 use anyhow::{anyhow, bail, Context, Result};
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
@@ -22,9 +28,41 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
-/// Version of both key files' format. Version 1 files written before
-/// versions existed have no `version=` line (dom0's was the bare hex key).
-pub const KEY_FILE_VERSION: u32 = 1;
+/// Newest version of both key files' format. Version 1 files written
+/// before versions existed have no `version=` line (dom0's was the bare hex
+/// key).
+pub const KEY_FILE_VERSION: u32 = 2;
+
+/// The version a key file with these chunk hashes is written in.
+fn version_for(chunk_hash: ChunkHash) -> u32 {
+    match chunk_hash {
+        ChunkHash::HmacSha256 => 1,
+        ChunkHash::Blake3 => 2,
+    }
+}
+
+/// The `version=` and (version 2) `chunk_hash=` lines of a key file.
+fn header_lines(chunk_hash: ChunkHash) -> String {
+    match version_for(chunk_hash) {
+        1 => "version=1\n".to_string(),
+        v => format!("version={v}\nchunk_hash={}\n", chunk_hash.name()),
+    }
+}
+
+/// Reads the version and chunk hashes of a parsed key file.
+fn read_header(kv: &HashMap<&str, &str>, origin: &Path) -> Result<ChunkHash> {
+    let version = layout::declared_version(kv.get("version").copied())
+        .with_context(|| format!("key file {}", origin.display()))?;
+    layout::check_format_version(origin, version, KEY_FILE_VERSION)?;
+    if version == 1 {
+        return Ok(ChunkHash::HmacSha256);
+    }
+    let name = kv.get("chunk_hash").copied().unwrap_or_default();
+    match ChunkHash::from_name(name) {
+        Some(h) if version_for(h) == version => Ok(h),
+        _ => bail!("key file {}: unknown chunk_hash {:?} for version {version}", origin.display(), name),
+    }
+}
 
 /// Largest wrapped-key file either side accepts.
 pub const MAX_WRAPPED_LEN: usize = 4096;
@@ -45,7 +83,7 @@ pub fn dom0_key_path(meta_root: &Path, pool_dir: &str) -> PathBuf {
     meta_root.join(pool_dir).join(layout::KEY_FILE)
 }
 
-pub fn load_dom0_key(path: &Path) -> Result<Option<DataKey>> {
+pub fn load_dom0_key(path: &Path) -> Result<Option<ArchiveKey>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => Zeroizing::new(t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -53,25 +91,20 @@ pub fn load_dom0_key(path: &Path) -> Result<Option<DataKey>> {
     };
     let kv = key_values(&text);
     // Version 1 before versions existed: the bare hex key on one line.
-    let hex_key = match kv.get("key") {
-        Some(k) => {
-            let version = layout::declared_version(kv.get("version").copied())
-                .with_context(|| format!("key file {}", path.display()))?;
-            layout::check_format_version(path, version, KEY_FILE_VERSION)?;
-            *k
-        }
-        None => text.trim(),
+    let (hex_key, chunk_hash) = match kv.get("key") {
+        Some(k) => (*k, read_header(&kv, path)?),
+        None => (text.trim(), ChunkHash::HmacSha256),
     };
-    let key = unhex32(hex_key).with_context(|| format!("key file {} is damaged", path.display()))?;
-    Ok(Some(key))
+    let data = unhex32(hex_key).with_context(|| format!("key file {} is damaged", path.display()))?;
+    Ok(Some(ArchiveKey { data, chunk_hash }))
 }
 
 /// Writes dom0's key file: 0600, never over an existing one, fsynced with
 /// its folder.
-pub fn save_dom0_key(path: &Path, key: &DataKey) -> Result<()> {
+pub fn save_dom0_key(path: &Path, key: &ArchiveKey) -> Result<()> {
     let dir = path.parent().context("key path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let text = Zeroizing::new(format!("version={KEY_FILE_VERSION}\nkey={}\n", hex::encode(key.as_slice())));
+    let text = Zeroizing::new(format!("{}key={}\n", header_lines(key.chunk_hash), hex::encode(key.data.as_slice())));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -92,31 +125,35 @@ pub struct WrappedKey {
     p: u32,
     salt: [u8; 16],
     sealed: Vec<u8>,
+    chunk_hash: ChunkHash,
 }
 
 impl WrappedKey {
-    pub fn wrap(key: &DataKey, passphrase: &[u8], pool: &str) -> Result<WrappedKey> {
+    pub fn wrap(key: &ArchiveKey, passphrase: &[u8], pool: &str) -> Result<WrappedKey> {
         let (m_kib, t, p, salt) = (KDF_M_KIB, KDF_T, KDF_P, crate::crypto::random()?);
         let kek = derive(passphrase, &salt, m_kib, t, p)?;
-        let sealed = seal_with(&kek, &Aad::WrappedKey { pool }, key.as_slice())?;
-        Ok(WrappedKey { m_kib, t, p, salt, sealed })
+        let chunk_hash = key.chunk_hash;
+        let sealed = seal_with(&kek, &Aad::WrappedKey { pool, chunk_hash }, key.data.as_slice())?;
+        Ok(WrappedKey { m_kib, t, p, salt, sealed, chunk_hash })
     }
 
     /// The data key, or an error that says the passphrase is wrong (the two
     /// cannot be told apart from a tampered file, and the message says so).
-    pub fn unwrap_key(&self, passphrase: &[u8], pool: &str) -> Result<DataKey> {
+    pub fn unwrap_key(&self, passphrase: &[u8], pool: &str) -> Result<ArchiveKey> {
         let kek = derive(passphrase, &self.salt, self.m_kib, self.t, self.p)?;
+        let chunk_hash = self.chunk_hash;
         let plain = Zeroizing::new(
-            open_with(&kek, &Aad::WrappedKey { pool }, &self.sealed)
+            open_with(&kek, &Aad::WrappedKey { pool, chunk_hash }, &self.sealed)
                 .map_err(|_| anyhow!("wrong passphrase (or the archive's key file was altered)"))?,
         );
         let key: [u8; 32] = plain.as_slice().try_into().map_err(|_| anyhow!("the archive's key has a wrong length"))?;
-        Ok(Zeroizing::new(key))
+        Ok(ArchiveKey { data: Zeroizing::new(key), chunk_hash })
     }
 
     pub fn to_text(&self) -> String {
         format!(
-            "version={KEY_FILE_VERSION}\nkdf=argon2id\nm_kib={}\nt={}\np={}\nsalt={}\nsealed={}\n",
+            "{}kdf=argon2id\nm_kib={}\nt={}\np={}\nsalt={}\nsealed={}\n",
+            header_lines(self.chunk_hash),
             self.m_kib,
             self.t,
             self.p,
@@ -128,9 +165,7 @@ impl WrappedKey {
     /// Parses the archive's key file; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<WrappedKey> {
         let kv = key_values(text);
-        let version = layout::declared_version(kv.get("version").copied())
-            .with_context(|| format!("key file {}", origin.display()))?;
-        layout::check_format_version(origin, version, KEY_FILE_VERSION)?;
+        let chunk_hash = read_header(&kv, origin)?;
         let get = |k: &str| kv.get(k).copied().ok_or_else(|| anyhow!("key file lacks {k:?}"));
         let num = |k: &str, max: u32| -> Result<u32> {
             let v: u32 = get(k)?.parse().with_context(|| format!("key file {k:?}"))?;
@@ -149,6 +184,7 @@ impl WrappedKey {
             p: num("p", KDF_P_MAX)?,
             salt,
             sealed: hex::decode(get("sealed")?)?,
+            chunk_hash,
         })
     }
 }
@@ -175,22 +211,44 @@ fn unhex32(s: &str) -> Result<DataKey> {
 mod tests {
     use super::*;
 
+    fn new_key(chunk_hash: ChunkHash) -> ArchiveKey {
+        ArchiveKey { chunk_hash, ..ArchiveKey::generate().expect("key") }
+    }
+
     #[test]
     fn wrap_round_trip_and_wrong_passphrase() {
-        let key = crate::crypto::new_data_key().expect("key");
-        let w = WrappedKey::wrap(&key, b"correct horse", "vg%pool").expect("wraps");
-        let parsed = WrappedKey::parse(&w.to_text(), Path::new("k")).expect("parses");
-        assert_eq!(parsed, w);
-        assert_eq!(*parsed.unwrap_key(b"correct horse", "vg%pool").expect("unwraps"), *key);
-        let err = parsed.unwrap_key(b"wrong", "vg%pool").expect_err("refused");
-        assert!(err.to_string().contains("wrong passphrase"), "{err}");
-        assert!(parsed.unwrap_key(b"correct horse", "vg%other").is_err());
+        for chunk_hash in [ChunkHash::HmacSha256, ChunkHash::Blake3] {
+            let key = new_key(chunk_hash);
+            let w = WrappedKey::wrap(&key, b"correct horse", "vg%pool").expect("wraps");
+            let parsed = WrappedKey::parse(&w.to_text(), Path::new("k")).expect("parses");
+            assert_eq!(parsed, w);
+            let back = parsed.unwrap_key(b"correct horse", "vg%pool").expect("unwraps");
+            assert_eq!((*back.data, back.chunk_hash), (*key.data, chunk_hash));
+            let err = parsed.unwrap_key(b"wrong", "vg%pool").expect_err("refused");
+            assert!(err.to_string().contains("wrong passphrase"), "{err}");
+            assert!(parsed.unwrap_key(b"correct horse", "vg%other").is_err());
+        }
+    }
+
+    #[test]
+    fn the_archive_cannot_change_the_chunk_hashes_of_its_key() {
+        let text = WrappedKey::wrap(&new_key(ChunkHash::Blake3), b"pw", "p%q").expect("wraps").to_text();
+        assert!(text.starts_with("version=2\nchunk_hash=blake3\n"), "{text}");
+        // Claimed as a version 1 key (HMAC-SHA256): the seal fails.
+        let downgraded =
+            WrappedKey::parse(&text.replace("version=2\nchunk_hash=blake3\n", "version=1\n"), Path::new("k"))
+                .expect("parses");
+        assert!(downgraded.unwrap_key(b"pw", "p%q").is_err());
+        // An unknown hash, or one that does not belong to the version: refused.
+        let err = WrappedKey::parse(&text.replace("blake3", "md5"), Path::new("arch/k")).expect_err("unknown");
+        assert!(err.to_string().contains("arch/k") && err.to_string().contains("md5"), "{err}");
+        assert!(WrappedKey::parse(&text.replace("blake3", "hmac-sha256"), Path::new("k")).is_err());
+        assert!(WrappedKey::parse(&text.replace("chunk_hash=blake3\n", ""), Path::new("k")).is_err());
     }
 
     #[test]
     fn hostile_kdf_parameters_are_refused() {
-        let key = crate::crypto::new_data_key().expect("key");
-        let text = WrappedKey::wrap(&key, b"pw", "p%q").expect("wraps").to_text();
+        let text = WrappedKey::wrap(&new_key(ChunkHash::NEW), b"pw", "p%q").expect("wraps").to_text();
         let huge = text.replace(&format!("m_kib={KDF_M_KIB}"), "m_kib=4000000000");
         assert!(WrappedKey::parse(&huge, Path::new("k")).is_err());
         assert!(WrappedKey::parse(&text.replace("kdf=argon2id", "kdf=none"), Path::new("k")).is_err());
@@ -202,30 +260,40 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dom0_key_path(dir.path(), "vg%pool");
         assert!(load_dom0_key(&path).expect("reads").is_none());
-        let key = crate::crypto::new_data_key().expect("key");
+        let key = new_key(ChunkHash::NEW);
         save_dom0_key(&path, &key).expect("saves");
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(*load_dom0_key(&path).expect("reads").expect("present"), *key);
+        let back = load_dom0_key(&path).expect("reads").expect("present");
+        assert_eq!((*back.data, back.chunk_hash), (*key.data, ChunkHash::NEW));
         assert!(save_dom0_key(&path, &key).is_err());
     }
 
     #[test]
     fn key_files_carry_a_version_and_older_ones_still_load() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let key = crate::crypto::new_data_key().expect("key");
+        let key = new_key(ChunkHash::HmacSha256);
         // dom0's key file as written before versions: the bare hex key.
         let old = dir.path().join("old");
-        std::fs::write(&old, format!("{}\n", hex::encode(key.as_slice()))).expect("write");
-        assert_eq!(*load_dom0_key(&old).expect("reads").expect("present"), *key);
+        std::fs::write(&old, format!("{}\n", hex::encode(key.data.as_slice()))).expect("write");
+        let back = load_dom0_key(&old).expect("reads").expect("present");
+        assert_eq!((*back.data, back.chunk_hash), (*key.data, ChunkHash::HmacSha256));
+        // A version 1 key is written as version 1 (exactly as before), and
+        // reads back with its hashes.
+        let v1 = dir.path().join("v1");
+        save_dom0_key(&v1, &key).expect("saves");
+        let text = std::fs::read_to_string(&v1).expect("read");
+        assert_eq!(text, format!("version=1\nkey={}\n", hex::encode(key.data.as_slice())));
+        assert_eq!(load_dom0_key(&v1).expect("reads").expect("present").chunk_hash, ChunkHash::HmacSha256);
         let new = dir.path().join("new");
-        save_dom0_key(&new, &key).expect("saves");
+        save_dom0_key(&new, &new_key(ChunkHash::Blake3)).expect("saves");
         let text = std::fs::read_to_string(&new).expect("read");
-        assert!(text.starts_with(&format!("version={KEY_FILE_VERSION}\n")), "{text}");
-        std::fs::write(&new, text.replace("version=1", "version=9")).expect("write");
+        assert!(text.starts_with(&format!("version={KEY_FILE_VERSION}\nchunk_hash=blake3\n")), "{text}");
+        assert_eq!(load_dom0_key(&new).expect("reads").expect("present").chunk_hash, ChunkHash::Blake3);
+        std::fs::write(&new, text.replace("version=2", "version=9")).expect("write");
         let err = format!("{:#}", load_dom0_key(&new).expect_err("newer refused"));
         assert!(err.contains(&new.display().to_string()) && err.contains("format version 9"), "{err}");
-        assert!(err.contains("(version 1)"), "{err}");
+        assert!(err.contains(&format!("(version {KEY_FILE_VERSION})")), "{err}");
 
         // The archive's wrapped key: versionless (old) parses; newer is refused.
         let wrapped = WrappedKey::wrap(&key, b"pw", "p%q").expect("wraps").to_text();
@@ -233,9 +301,9 @@ mod tests {
         let versionless = wrapped.replace("version=1\n", "");
         assert!(WrappedKey::parse(&versionless, Path::new("k")).is_ok());
         let err =
-            WrappedKey::parse(&wrapped.replace("version=1", "version=2"), Path::new("archive/p%q/.sparsebak-key"))
+            WrappedKey::parse(&wrapped.replace("version=1", "version=3"), Path::new("archive/p%q/.sparsebak-key"))
                 .expect_err("newer refused")
                 .to_string();
-        assert!(err.contains("archive/p%q/.sparsebak-key") && err.contains("format version 2"), "{err}");
+        assert!(err.contains("archive/p%q/.sparsebak-key") && err.contains("format version 3"), "{err}");
     }
 }

@@ -11,5 +11,5 @@ pub mod keyfile;
 pub mod passphrase;
 mod primitives;
 
-pub use primitives::{new_data_key, random, Aad, DataKey, Keys, OpenError, SEAL_OVERHEAD};
 pub(crate) use primitives::{open_with, seal_with};
+pub use primitives::{random, Aad, ArchiveKey, ChunkHash, DataKey, Keys, OpenError, SEAL_OVERHEAD};

@@ -6,6 +6,13 @@
 //!   the key that authenticates manifests' content hashes is never the one
 //!   that encrypts: one for XChaCha20-Poly1305, one for the keyed hash of
 //!   plaintext chunks.
+//! - The **chunk hashes** ([`ChunkHash`]) of an archive are fixed when its
+//!   key is made and recorded with the key: keyed BLAKE3 for the plaintext
+//!   and BLAKE3 for the stored bytes in archives made since key file version
+//!   2 (four times faster than SHA-256 with the CPU's SHA instructions, and
+//!   the two hashes were a fifth of a send's CPU time); HMAC-SHA256 and
+//!   SHA-256 in older ones, which keep them for good: an incremental send
+//!   compares against hashes already in the manifests.
 //! - **Sealed** bytes are `nonce (24 random bytes) || ciphertext || tag`.
 //!   Random 192-bit nonces never repeat in practice, so no counter has to
 //!   survive crashes or restores.
@@ -38,7 +45,7 @@ pub fn random<const N: usize>() -> Result<[u8; N]> {
 }
 
 /// A new random data key.
-pub fn new_data_key() -> Result<DataKey> {
+fn new_data_key() -> Result<DataKey> {
     Ok(Zeroizing::new(random()?))
 }
 
@@ -51,10 +58,69 @@ fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Hash {
     mac.finalize().into_bytes().into()
 }
 
+/// The hashes an encrypted archive's manifests record for each chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkHash {
+    /// Key file version 1: HMAC-SHA256 of the plaintext, SHA-256 of the
+    /// stored bytes.
+    HmacSha256,
+    /// Key file version 2: keyed BLAKE3 of the plaintext, BLAKE3 of the
+    /// stored bytes.
+    Blake3,
+}
+
+impl ChunkHash {
+    /// What new archives use.
+    pub const NEW: ChunkHash = ChunkHash::Blake3;
+
+    /// The name written in key files (`chunk_hash=`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkHash::HmacSha256 => "hmac-sha256",
+            ChunkHash::Blake3 => "blake3",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ChunkHash> {
+        [ChunkHash::HmacSha256, ChunkHash::Blake3].into_iter().find(|h| h.name() == name)
+    }
+
+    /// Hash of the bytes as stored in the archive (they are ciphertext, so
+    /// no key is needed to hide anything).
+    pub fn stored(self, data: &[u8]) -> Hash {
+        match self {
+            ChunkHash::HmacSha256 => <Sha256 as sha2::Digest>::digest(data).into(),
+            ChunkHash::Blake3 => blake3::hash(data).into(),
+        }
+    }
+}
+
+/// An archive's data key with the chunk hashes its archive uses: what the
+/// key files hold.
+pub struct ArchiveKey {
+    pub data: DataKey,
+    pub chunk_hash: ChunkHash,
+}
+
+/// Never prints the key itself.
+impl std::fmt::Debug for ArchiveKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArchiveKey").field("chunk_hash", &self.chunk_hash).finish_non_exhaustive()
+    }
+}
+
+impl ArchiveKey {
+    /// A key for a new archive.
+    pub fn generate() -> Result<ArchiveKey> {
+        Ok(ArchiveKey { data: new_data_key()?, chunk_hash: ChunkHash::NEW })
+    }
+}
+
 /// The working keys of an encrypted archive.
 pub struct Keys {
     aead: XChaCha20Poly1305,
     hash_key: Zeroizing<[u8; 32]>,
+    chunk_hash: ChunkHash,
 }
 
 /// Why sealed bytes were refused.
@@ -77,17 +143,31 @@ impl std::fmt::Display for OpenError {
 }
 
 impl Keys {
-    pub fn from_data_key(key: &DataKey) -> Keys {
-        let aead_key = Zeroizing::new(hmac_sha256(key.as_slice(), &[b"sparsebak v1 aead key"]));
-        let hash_key = Zeroizing::new(hmac_sha256(key.as_slice(), &[b"sparsebak v1 chunk hash key"]));
-        Keys { aead: XChaCha20Poly1305::new(aead_key.as_slice().into()), hash_key }
+    pub fn new(key: &ArchiveKey) -> Keys {
+        let data = key.data.as_slice();
+        let aead_key = Zeroizing::new(hmac_sha256(data, &[b"sparsebak v1 aead key"]));
+        // A new label for the new hash: one key is never used with both.
+        let hash_label: &[u8] = match key.chunk_hash {
+            ChunkHash::HmacSha256 => b"sparsebak v1 chunk hash key",
+            ChunkHash::Blake3 => b"sparsebak v2 chunk hash key",
+        };
+        let hash_key = Zeroizing::new(hmac_sha256(data, &[hash_label]));
+        Keys { aead: XChaCha20Poly1305::new(aead_key.as_slice().into()), hash_key, chunk_hash: key.chunk_hash }
     }
 
     /// Keyed hash of a plaintext chunk: detects changes like SHA-256 would,
     /// but tells someone without the key nothing about the content (no
     /// "is this well-known file in the volume" guessing).
     pub fn plain_hash(&self, data: &[u8]) -> Hash {
-        hmac_sha256(self.hash_key.as_slice(), &[data])
+        match self.chunk_hash {
+            ChunkHash::HmacSha256 => hmac_sha256(self.hash_key.as_slice(), &[data]),
+            ChunkHash::Blake3 => blake3::keyed_hash(&self.hash_key, data).into(),
+        }
+    }
+
+    /// Hash of sealed bytes, as the manifest records it.
+    pub fn stored_hash(&self, sealed: &[u8]) -> Hash {
+        self.chunk_hash.stored(sealed)
     }
 
     pub fn seal(&self, aad: &Aad, plain: &[u8]) -> Result<Vec<u8>> {
@@ -129,8 +209,10 @@ pub enum Aad<'a> {
     /// Piece `index` of a session's metadata file; `last` marks the final
     /// piece, so a file cut at a piece boundary is detected too.
     Meta { volume: &'a VolumeRef, session: &'a str, file: MetaFile, index: u64, last: bool },
-    /// The data key wrapped under the passphrase, for one pool folder.
-    WrappedKey { pool: &'a str },
+    /// The data key wrapped under the passphrase, for one pool folder, with
+    /// the chunk hashes of its archive (bound from version 2 on, so that the
+    /// archive cannot change them).
+    WrappedKey { pool: &'a str, chunk_hash: ChunkHash },
 }
 
 impl Aad<'_> {
@@ -158,9 +240,12 @@ impl Aad<'_> {
                 field(&index.to_be_bytes());
                 field(&[u8::from(*last)]);
             }
-            Aad::WrappedKey { pool } => {
+            Aad::WrappedKey { pool, chunk_hash } => {
                 field(b"sparsebak v1 wrapped key");
                 field(pool.as_bytes());
+                if *chunk_hash != ChunkHash::HmacSha256 {
+                    field(chunk_hash.name().as_bytes());
+                }
             }
         }
         out
@@ -171,13 +256,17 @@ impl Aad<'_> {
 mod tests {
     use super::*;
 
+    fn new_keys(chunk_hash: ChunkHash) -> Keys {
+        Keys::new(&ArchiveKey { data: new_data_key().expect("key"), chunk_hash })
+    }
+
     fn vol(name: &str) -> VolumeRef {
         VolumeRef { pool: "vg%pool".into(), name: name.into() }
     }
 
     #[test]
     fn sealed_chunks_open_only_for_their_own_place() {
-        let keys = Keys::from_data_key(&new_data_key().expect("key"));
+        let keys = new_keys(ChunkHash::NEW);
         let v = vol("a");
         let aad = Aad::Chunk { volume: &v, origin: "S_20261129-083000", addr: 0x20000 };
         let sealed = keys.seal(&aad, b"secret data").expect("seals");
@@ -195,13 +284,13 @@ mod tests {
         flipped[30] ^= 1;
         assert_eq!(keys.open(&aad, &flipped), Err(OpenError::Forged));
         assert_eq!(keys.open(&aad, &sealed[..10]), Err(OpenError::TooShort));
-        let other_keys = Keys::from_data_key(&new_data_key().expect("key"));
+        let other_keys = new_keys(ChunkHash::NEW);
         assert_eq!(other_keys.open(&aad, &sealed), Err(OpenError::Forged));
     }
 
     #[test]
     fn meta_pieces_bind_index_and_last_flag() {
-        let keys = Keys::from_data_key(&new_data_key().expect("key"));
+        let keys = new_keys(ChunkHash::NEW);
         let v = vol("a");
         let aad =
             |index, last| Aad::Meta { volume: &v, session: "S_20261129-083000", file: MetaFile::Manifest, index, last };
@@ -212,11 +301,26 @@ mod tests {
     }
 
     #[test]
-    fn keyed_hash_differs_from_sha256_and_between_keys() {
-        let a = Keys::from_data_key(&new_data_key().expect("key"));
-        let b = Keys::from_data_key(&new_data_key().expect("key"));
-        assert_eq!(a.plain_hash(b"x"), a.plain_hash(b"x"));
-        assert_ne!(a.plain_hash(b"x"), b.plain_hash(b"x"));
-        assert_ne!(a.plain_hash(b"x"), <[u8; 32]>::from(<sha2::Sha256 as sha2::Digest>::digest(b"x")));
+    fn keyed_hash_differs_from_plain_hashes_and_between_keys() {
+        let sha256 = |d: &[u8]| <[u8; 32]>::from(<sha2::Sha256 as sha2::Digest>::digest(d));
+        for chunk_hash in [ChunkHash::HmacSha256, ChunkHash::Blake3] {
+            let a = new_keys(chunk_hash);
+            let b = new_keys(chunk_hash);
+            assert_eq!(a.plain_hash(b"x"), a.plain_hash(b"x"));
+            assert_ne!(a.plain_hash(b"x"), b.plain_hash(b"x"));
+            assert_ne!(a.plain_hash(b"x"), sha256(b"x"));
+            assert_ne!(a.plain_hash(b"x"), <[u8; 32]>::from(blake3::hash(b"x")));
+        }
+        assert_eq!(ChunkHash::HmacSha256.stored(b"x"), sha256(b"x"));
+        assert_eq!(ChunkHash::Blake3.stored(b"x"), <[u8; 32]>::from(blake3::hash(b"x")));
+        // The same data key gives different plaintext hashes under the two.
+        let data = new_data_key().expect("key");
+        let v1 = Keys::new(&ArchiveKey { data: data.clone(), chunk_hash: ChunkHash::HmacSha256 });
+        let v2 = Keys::new(&ArchiveKey { data, chunk_hash: ChunkHash::Blake3 });
+        assert_ne!(v1.plain_hash(b"x"), v2.plain_hash(b"x"));
+        for h in [ChunkHash::HmacSha256, ChunkHash::Blake3] {
+            assert_eq!(ChunkHash::from_name(h.name()), Some(h));
+        }
+        assert_eq!(ChunkHash::from_name("md5"), None);
     }
 }

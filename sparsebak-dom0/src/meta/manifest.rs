@@ -1,13 +1,15 @@
 //! Manifests: one line per chunk recorded in a session, sorted by address.
 //!
 //! ```text
-//! <sha256 of plaintext> <sha256 of stored bytes> x<16 hex digits of address>
+//! <hash of plaintext> <hash of stored bytes> x<16 hex digits of address>
 //! 0 0 x<address>                      (an all-zero chunk, not stored)
 //! <plain> <stored> x<address> S_YYYYMMDD-HHMMSS   (stored in another session first)
 //! ```
 //!
-//! In an encrypted archive the plaintext hash is keyed (HMAC-SHA256 with a
-//! subkey of the data key), so manifests reveal nothing about content. The
+//! Unencrypted archives use SHA-256 for both. In an encrypted archive the
+//! plaintext hash is keyed (with a subkey of the data key), so manifests
+//! reveal nothing about content; which hashes it uses is fixed with its key
+//! (`crate::crypto::ChunkHash`). The
 //! optional fourth field is the chunk's origin: the session it was first
 //! stored in, whose name is bound into the chunk's seal. It is written only
 //! where the origin differs from the session holding the manifest (prune

@@ -43,7 +43,7 @@ impl KeyScope<'_> {
 pub fn load(scope: KeyScope, meta: &MetaDir) -> Result<Option<Keys>> {
     let path = scope.key_path();
     match (keyfile::load_dom0_key(&path)?, scope.encryption) {
-        (Some(key), true) => Ok(Some(Keys::from_data_key(&key))),
+        (Some(key), true) => Ok(Some(Keys::new(&key))),
         (Some(_), false) => bail!(
             "the archive of {} is encrypted (dom0 holds its key {}), but the config says encryption = off",
             scope.pool_dir,
@@ -97,12 +97,12 @@ impl SendKeys {
                 scope.pool_dir
             );
         }
-        let key = crate::crypto::new_data_key()?;
+        let key = crate::crypto::ArchiveKey::generate()?;
         let wrapped = WrappedKey::wrap(&key, &pass, scope.pool_dir)?;
         rx.put_key(scope.pool_dir, wrapped.to_text().into_bytes())?;
         keyfile::save_dom0_key(&scope.key_path(), &key)?;
         log::info!("{}: new encrypted archive; keep the passphrase: it is needed to recover", scope.pool_dir);
-        Ok(Some(Keys::from_data_key(&key)))
+        Ok(Some(Keys::new(&key)))
     }
 }
 

@@ -271,7 +271,21 @@ struct Fetched {
 struct Checked {
     entry: MergedEntry,
     len: usize,
-    outcome: Result<Option<Vec<u8>>, String>,
+    outcome: Result<Chunk, String>,
+}
+
+/// A chunk that passed its checks.
+enum Chunk {
+    /// Its data (`None`: all zeros), still to be written if restoring.
+    Checked(Option<Vec<u8>>),
+    /// Stored data, already written to the output by the worker.
+    Written,
+}
+
+impl Checked {
+    fn written(self) -> Checked {
+        Checked { outcome: Ok(Chunk::Written), ..self }
+    }
 }
 
 /// Returns `Some(summary)` when chunks failed their checks.
@@ -304,8 +318,19 @@ fn restore_volume(
     let jobs = order_rx.into_iter().map(|entry| fetch(entry?, &mut responses, size, cs));
     let progress = Progress::bytes(&label, size);
     let codec = ChunkCodec { keys, volume: &volume };
-    let check = |f| check(f, &codec, &sessions);
-    let result = pipeline::ordered_map(jobs, pipeline::Lanes::for_chunks(cs), check, |c: Checked| {
+    // Workers write the chunks they checked themselves (positioned writes
+    // need no order): the writing then runs on every core instead of
+    // holding up delivery.
+    let check_and_write = |f| {
+        let c = check(f, &codec, &sessions)?;
+        match (&sink, &c.outcome) {
+            (Some(s), Ok(Chunk::Checked(Some(data)))) => {
+                s.write(c.entry.entry.addr, Some(data), c.len).map(|()| c.written())
+            }
+            _ => Ok(c),
+        }
+    };
+    let result = pipeline::ordered_map(jobs, pipeline::Lanes::for_chunks(cs), check_and_write, |c: Checked| {
         let addr = c.entry.entry.addr;
         progress.set_position(addr);
         if let Some(s) = &sink {
@@ -313,7 +338,11 @@ fn restore_volume(
         }
         next_addr = addr + c.len as u64;
         match c.outcome {
-            Ok(data) => {
+            Ok(Chunk::Written) => {
+                stored += 1;
+                Ok(())
+            }
+            Ok(Chunk::Checked(data)) => {
                 stored += u64::from(data.is_some());
                 match &sink {
                     Some(s) => s.write(addr, data.as_deref(), c.len),
@@ -428,14 +457,16 @@ fn fetch(entry: MergedEntry, responses: &mut ResponseSource, size: u64, cs: u64)
 fn check(f: Fetched, codec: &ChunkCodec, sessions: &[SessionId]) -> Result<Checked> {
     let addr = f.entry.entry.addr;
     let outcome = match (f.answer, &f.entry.entry.state) {
-        (None, _) => Ok(None),
+        (None, _) => Ok(Chunk::Checked(None)),
         (Some(Err(why)), _) => Err(why),
         (Some(Ok(data)), state) => {
             let origin = match state {
                 ChunkState::Stored { origin: Some(o), .. } => o.as_str(),
                 _ => sessions[f.entry.session].as_str(),
             };
-            chunk::unpack(&data, state, f.len, codec, origin, addr).map(Some).map_err(|e: ChunkFault| e.to_string())
+            chunk::unpack(&data, state, f.len, codec, origin, addr)
+                .map(|d| Chunk::Checked(Some(d)))
+                .map_err(|e: ChunkFault| e.to_string())
         }
     };
     Ok(Checked { entry: f.entry, len: f.len, outcome })

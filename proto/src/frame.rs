@@ -94,6 +94,18 @@ pub fn read_msg<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, Fr
     decode_payload(&payload).map(Some)
 }
 
+/// Whether `buf` begins with a whole frame (so reading it cannot block):
+/// lets a reader batch the requests that have already arrived.
+pub fn holds_whole_frame(buf: &[u8]) -> bool {
+    match buf.get(..LEN_BYTES) {
+        Some(len) => {
+            let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            buf.len() - LEN_BYTES >= len
+        }
+        None => false,
+    }
+}
+
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, FrameError> {
     let mut done = 0;
@@ -111,6 +123,18 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_frames_are_recognised() {
+        let frame = encode_frame(&crate::Request::Commit).expect("encodes");
+        assert!(holds_whole_frame(&frame));
+        let mut two = frame.clone();
+        two.extend_from_slice(&frame);
+        assert!(holds_whole_frame(&two));
+        for cut in 0..frame.len() {
+            assert!(!holds_whole_frame(&frame[..cut]), "{cut}");
+        }
+    }
     use crate::msg::{Request, Response};
     use proptest::prelude::*;
 

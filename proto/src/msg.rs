@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape, meaning or position (the
 /// wire-format fixtures then have to be regenerated, see the module doc).
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest archive chunk size (uncompressed) either side accepts.
 pub const MAX_CHUNK_SIZE: u64 = 4 << 20;
@@ -44,13 +44,47 @@ pub const META_PIECE: usize = 1 << 20;
 /// Largest key file (`PutKey`, `Key`) either side accepts.
 pub const MAX_KEY_FILE: usize = 4096;
 
-/// Where the archive lives on the receiver: `mountpoint/dir`.
+/// Where the archive lives on the receiver.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct Destination {
-    /// Must be a mount point on the receiver, or it refuses to write.
-    pub mountpoint: String,
-    /// Relative directory under the mount point.
-    pub dir: String,
+pub enum Destination {
+    /// `mountpoint/dir` on a mounted filesystem.
+    Mounted {
+        /// Must be a mount point on the receiver, or it refuses to write.
+        mountpoint: String,
+        /// Relative directory under the mount point.
+        dir: String,
+    },
+    /// Objects under `prefix/` in an S3 bucket. dom0 names the bucket only:
+    /// endpoint and credentials are the receiver's (its `s3.ini`).
+    S3 { bucket: String, prefix: String },
+}
+
+impl Destination {
+    /// Checks every part; the receiver calls this before using any.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        match self {
+            Destination::Mounted { mountpoint, dir } => {
+                crate::names::validate_mountpoint(mountpoint)?;
+                crate::names::validate_dest_dir(dir)
+            }
+            Destination::S3 { bucket, prefix } => {
+                crate::names::validate_bucket(bucket)?;
+                crate::names::validate_dest_dir(prefix)
+            }
+        }
+    }
+}
+
+/// As users write it: `/mnt/backup/dir` or `s3://bucket/prefix`.
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Mounted { mountpoint, dir } => {
+                write!(f, "{}/{dir}", mountpoint.trim_end_matches('/'))
+            }
+            Destination::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
 }
 
 /// A volume in the archive: `POOLDIR/NAME`, where POOLDIR is `VG%POOL`

@@ -98,6 +98,24 @@ pub fn validate_dest_dir(dir: &str) -> Result<()> {
     Ok(())
 }
 
+/// An S3 bucket name as AWS defines it: 3 to 63 lowercase letters, digits,
+/// dots and hyphens, starting and ending with a letter or digit.
+pub fn validate_bucket(name: &str) -> Result<()> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-';
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !(3..=63).contains(&name.len())
+        || !name.chars().all(ok_char)
+        || !alnum(name.chars().next())
+        || !alnum(name.chars().last())
+    {
+        bail!(
+            "invalid S3 bucket name {:?}: 3 to 63 lowercase letters, digits, '.' and '-', starting and ending with a letter or digit",
+            name.escape_debug().to_string()
+        );
+    }
+    Ok(())
+}
+
 /// An absolute mount point path without `.`/`..` components.
 pub fn validate_mountpoint(path: &str) -> Result<()> {
     if !path.starts_with('/') || path.len() > MAX_PATH_LEN {
@@ -119,6 +137,16 @@ impl crate::msg::VolumeRef {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bucket_names() {
+        for ok in ["abc", "my-backups.2026", "0bucket9"] {
+            assert!(super::validate_bucket(ok).is_ok(), "{ok}");
+        }
+        for bad in ["ab", "Upper", "-lead", "trail.", "sp ace", "under_score", &"a".repeat(64), "a/b"] {
+            assert!(super::validate_bucket(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn hidden_characters_are_not_part_of_paths() {
         assert!(validate_dest_dir("backups/\u{202e}evil").is_err());

@@ -32,7 +32,7 @@ pub fn requests() -> Vec<Request> {
     vec![
         Request::Hello {
             version: PROTOCOL_VERSION,
-            dest: Destination { mountpoint: "/mnt/backup".into(), dir: "sparsebak/laptop".into() },
+            dest: Destination::Mounted { mountpoint: "/mnt/backup".into(), dir: "sparsebak/laptop".into() },
         },
         Request::ListSessions { volume: volume() },
         Request::BeginSession { volume: volume(), session: "S_20261129-083000".into(), format: StoreFormat::Tar },
@@ -67,6 +67,15 @@ pub fn requests() -> Vec<Request> {
     ]
 }
 
+/// Requests that differ from their kind's sample in a nested enum's variant
+/// (each variant of a field's enum is pinned too).
+pub fn nested_requests() -> Vec<Request> {
+    vec![Request::Hello {
+        version: PROTOCOL_VERSION,
+        dest: Destination::S3 { bucket: "offsite-backups".into(), prefix: "sparsebak/laptop".into() },
+    }]
+}
+
 /// One representative value of every response.
 pub fn responses() -> Vec<Response> {
     vec![
@@ -85,7 +94,8 @@ pub fn responses() -> Vec<Response> {
 /// The fixture file of a request's kind.
 pub fn request_fixture(req: &Request) -> &'static str {
     match req {
-        Request::Hello { .. } => "request-hello.bin",
+        Request::Hello { dest: Destination::Mounted { .. }, .. } => "request-hello.bin",
+        Request::Hello { dest: Destination::S3 { .. }, .. } => "request-hello-s3.bin",
         Request::ListSessions { .. } => "request-list-sessions.bin",
         Request::BeginSession { .. } => "request-begin-session.bin",
         Request::PutChunk { .. } => "request-put-chunk.bin",
@@ -124,7 +134,7 @@ pub fn response_fixture(resp: &Response) -> &'static str {
 /// first, each list in the order of the enum.
 pub fn frames() -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
-    for req in requests() {
+    for req in requests().into_iter().chain(nested_requests()) {
         out.push((request_fixture(&req), encode_frame(&req).expect("every sample request encodes")));
     }
     for resp in responses() {

@@ -12,7 +12,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use sparsebak_proto::layout::{self, ARCHIVE_FORMAT_VERSION};
-use sparsebak_proto::{names, Destination, VolumeRef};
+use sparsebak_proto::{names, VolumeRef};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -47,17 +47,17 @@ pub struct Archive {
 impl Archive {
     /// Opens (creating `DIR` if needed) the archive at `dest`, refusing a
     /// mount point that is not mounted.
-    pub fn open(dest: &Destination) -> Result<Archive> {
-        names::validate_mountpoint(&dest.mountpoint)?;
-        names::validate_dest_dir(&dest.dir)?;
-        let mount = Path::new(&dest.mountpoint);
+    pub fn open(mountpoint: &str, dir: &str) -> Result<Archive> {
+        names::validate_mountpoint(mountpoint)?;
+        names::validate_dest_dir(dir)?;
+        let mount = Path::new(mountpoint);
         if !crate::mounts::is_mount_point(mount)? {
             bail!(
                 "destination {} is not a mount point; refusing to use it (is the backup disk mounted?)",
                 mount.display()
             );
         }
-        let root = mount.join(&dest.dir);
+        let root = mount.join(dir);
         std::fs::create_dir_all(&root).map_err(|e| {
             let hint = match e.kind() {
                 std::io::ErrorKind::PermissionDenied => permission_hint(&root),
@@ -117,7 +117,7 @@ impl Archive {
 }
 
 /// The format marker's whole text for `version`.
-fn marker_text(version: u32) -> String {
+pub fn marker_text(version: u32) -> String {
     format!("{MARKER_PREFIX}{version}\n")
 }
 
@@ -172,7 +172,7 @@ fn read_marker(path: &Path) -> Result<Option<Vec<u8>>> {
 }
 
 /// Refuses a garbled marker or one of a newer format.
-fn check_marker(path: &Path, text: &[u8]) -> Result<()> {
+pub fn check_marker(path: &Path, text: &[u8]) -> Result<()> {
     let version = parse_marker(path, text)?;
     layout::check_format_version(path, version, ARCHIVE_FORMAT_VERSION)
 }
@@ -237,9 +237,13 @@ mod tests {
 
     /// An archive folder under a fresh temp dir, with `/` as the mount point
     /// (it is one, and the temp dir is not).
-    fn dest_in(tmp: &tempfile::TempDir) -> Destination {
+    fn open((mountpoint, dir): (String, String)) -> Result<Archive> {
+        Archive::open(&mountpoint, &dir)
+    }
+
+    fn dest_in(tmp: &tempfile::TempDir) -> (String, String) {
         let rel = tmp.path().join("archive").strip_prefix("/").expect("absolute").to_string_lossy().into_owned();
-        Destination { mountpoint: "/".into(), dir: rel }
+        ("/".into(), rel)
     }
 
     fn marker_of(tmp: &tempfile::TempDir) -> PathBuf {
@@ -249,10 +253,10 @@ mod tests {
     #[test]
     fn a_new_archive_gets_the_marker_and_reopens() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        Archive::open(&dest_in(&tmp)).expect("open new");
+        open(dest_in(&tmp)).expect("open new");
         let marker = marker_of(&tmp);
         assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "sparsebak archive format 1\n");
-        Archive::open(&dest_in(&tmp)).expect("reopen");
+        open(dest_in(&tmp)).expect("reopen");
         assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "sparsebak archive format 1\n");
     }
 
@@ -261,7 +265,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let session = tmp.path().join("archive/local%images/v/S_20260101-000000");
         std::fs::create_dir_all(&session).expect("mkdir");
-        let archive = Archive::open(&dest_in(&tmp)).expect("open old archive");
+        let archive = open(dest_in(&tmp)).expect("open old archive");
         assert_eq!(std::fs::read_to_string(marker_of(&tmp)).expect("marker"), marker_text(1));
         let volume = VolumeRef { pool: "local%images".into(), name: "v".into() };
         assert_eq!(archive.list_sessions(&volume).expect("list"), ["S_20260101-000000"]);
@@ -273,7 +277,7 @@ mod tests {
         let marker = marker_of(&tmp);
         std::fs::create_dir_all(marker.parent().expect("parent")).expect("mkdir");
         std::fs::write(&marker, "sparsebak archive format 99\n").expect("write");
-        let err = Archive::open(&dest_in(&tmp)).err().expect("refused");
+        let err = open(dest_in(&tmp)).err().expect("refused");
         let want = layout::check_format_version(&marker, 99, ARCHIVE_FORMAT_VERSION).expect_err("newer");
         assert_eq!(format!("{err:#}"), want.to_string());
         assert!(want.to_string().contains(&marker.display().to_string()), "{want}");
@@ -298,12 +302,12 @@ mod tests {
             &long,
         ] {
             std::fs::write(&marker, bad).expect("write");
-            let err = format!("{:#}", Archive::open(&dest_in(&tmp)).err().expect("refused"));
+            let err = format!("{:#}", open(dest_in(&tmp)).err().expect("refused"));
             assert!(err.contains("garbled") && err.contains(&marker.display().to_string()), "{bad:?}: {err}");
             assert_eq!(std::fs::read_to_string(&marker).expect("marker"), bad, "left as it was");
         }
         std::fs::write(&marker, [0xff, 0xfe, b'\n']).expect("write");
-        assert!(Archive::open(&dest_in(&tmp)).is_err(), "not UTF-8");
+        assert!(open(dest_in(&tmp)).is_err(), "not UTF-8");
     }
 
     #[test]
@@ -312,20 +316,19 @@ mod tests {
         let marker = marker_of(&tmp);
         std::fs::create_dir_all(marker.parent().expect("parent")).expect("mkdir");
         nix::unistd::mkfifo(&marker, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
-        let err = format!("{:#}", Archive::open(&dest_in(&tmp)).err().expect("a FIFO is no marker"));
+        let err = format!("{:#}", open(dest_in(&tmp)).err().expect("a FIFO is no marker"));
         assert!(err.contains("not a regular file"), "{err}");
         std::fs::remove_file(&marker).expect("rm fifo");
         let real = tmp.path().join("elsewhere");
         std::fs::write(&real, marker_text(1)).expect("write");
         std::os::unix::fs::symlink(&real, &marker).expect("symlink");
-        assert!(Archive::open(&dest_in(&tmp)).is_err(), "a link is not followed");
+        assert!(open(dest_in(&tmp)).is_err(), "a link is not followed");
     }
 
     #[test]
     fn nothing_is_written_on_an_unmounted_destination() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let dest = Destination { mountpoint: tmp.path().to_string_lossy().into_owned(), dir: "archive".into() };
-        let err = Archive::open(&dest).err().expect("not a mount point");
+        let err = Archive::open(&tmp.path().to_string_lossy(), "archive").err().expect("not a mount point");
         assert!(err.to_string().contains("not a mount point"), "{err}");
         assert!(!tmp.path().join("archive").exists(), "no archive folder, no marker");
     }

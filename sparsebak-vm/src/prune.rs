@@ -35,15 +35,15 @@ use std::path::{Path, PathBuf};
 /// The surviving addresses of the unsettled prune, beside its journal. Only
 /// the receiver has this file (dom0 keeps its own state in its journal), so
 /// it is named here rather than in `sparsebak_proto::layout`.
-const ADDRS: &str = "prune.addrs";
+pub(crate) const ADDRS: &str = "prune.addrs";
 /// Suffix of N's new manifest copy until `finish` renames it (receiver only,
 /// like `ADDRS`).
-const NEW_SUFFIX: &str = ".prune-new";
+pub(crate) const NEW_SUFFIX: &str = ".prune-new";
 
 use testhook::receiver_step as step;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+pub(crate) enum State {
     /// Addresses are being collected or chunks linked: not yet durable.
     Collecting,
     /// Every surviving chunk is in N, durably.
@@ -51,14 +51,14 @@ enum State {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Journal {
-    pruned: String,
-    into: String,
-    state: State,
+pub(crate) struct Journal {
+    pub pruned: String,
+    pub into: String,
+    pub state: State,
 }
 
 impl Journal {
-    fn to_text(&self) -> String {
+    pub(crate) fn to_text(&self) -> String {
         let state = match self.state {
             State::Collecting => "collecting",
             State::Linked => "linked",
@@ -66,7 +66,7 @@ impl Journal {
         format!("pruned={}\ninto={}\nstate={state}\n", self.pruned, self.into)
     }
 
-    fn parse(text: &str, path: &Path) -> Result<Journal> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Journal> {
         let field = |key: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
@@ -248,19 +248,8 @@ pub fn finish(archive: &Archive, volume: &VolumeRef, pruned: &str, into: &str, i
     let vol_dir = archive.volume_dir(volume)?;
     let pruned_dir = archive.session_dir(volume, pruned)?;
     let into_dir = archive.session_dir(volume, into)?;
-    match Journal::read(&vol_dir)? {
-        None => return remove_leftovers(&vol_dir), // finished before; dom0 did not hear it
-        Some(j) if j.pruned != pruned || j.into != into => {
-            bail!(
-                "{volume}: asked to finish pruning {pruned} into {into}, but the journal is for {} into {}",
-                j.pruned,
-                j.into
-            )
-        }
-        Some(j) if j.state != State::Linked => {
-            bail!("{volume}: prune of {pruned} into {into} never completed its linking; it cannot be finished")
-        }
-        Some(_) => {}
+    if !finishable(Journal::read(&vol_dir)?, volume, pruned, into)? {
+        return remove_leftovers(&vol_dir); // finished before; dom0 did not hear it
     }
     let new = new_manifest_path(&into_dir);
     if new.exists() {
@@ -279,6 +268,24 @@ pub fn finish(archive: &Archive, volume: &VolumeRef, pruned: &str, into: &str, i
     remove_file_durably(&vol_dir.join(PRUNE_JOURNAL))?;
     step("prune journal removed");
     remove_leftovers(&vol_dir)
+}
+
+/// Whether the journal read from the archive is the linked prune of
+/// `pruned` into `into` that dom0 asks to finish (`false`: there is none, it
+/// finished before); an error for any other prune or an unlinked one.
+pub(crate) fn finishable(journal: Option<Journal>, volume: &VolumeRef, pruned: &str, into: &str) -> Result<bool> {
+    match journal {
+        None => Ok(false),
+        Some(j) if j.pruned != pruned || j.into != into => bail!(
+            "{volume}: asked to finish pruning {pruned} into {into}, but the journal is for {} into {}",
+            j.pruned,
+            j.into
+        ),
+        Some(j) if j.state != State::Linked => {
+            bail!("{volume}: prune of {pruned} into {into} never completed its linking; it cannot be finished")
+        }
+        Some(_) => Ok(true),
+    }
 }
 
 /// Undoes phase 1 (dom0 did not commit). Also fine with nothing to undo.
@@ -339,7 +346,6 @@ mod tests {
     use super::*;
     use crate::tar::TarWriter;
     use sparsebak_proto::layout::TAR_FILE;
-    use sparsebak_proto::Destination;
 
     const P: &str = "S_20260101-000000";
     const N: &str = "S_20260102-000000";
@@ -349,7 +355,7 @@ mod tests {
     fn setup() -> (tempfile::TempDir, Archive, VolumeRef) {
         let tmp = tempfile::tempdir().expect("tempdir");
         let rel = tmp.path().strip_prefix("/").expect("absolute").to_string_lossy().into_owned();
-        let archive = Archive::open(&Destination { mountpoint: "/".into(), dir: rel }).expect("archive");
+        let archive = Archive::open("/", &rel).expect("archive");
         let volume = VolumeRef { pool: "local%images".into(), name: "v".into() };
         for s in [P, N] {
             let dir = archive.session_dir(&volume, s).expect("dir");

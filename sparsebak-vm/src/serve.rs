@@ -2,16 +2,22 @@
 //! stdin, answers on stdout. It exits on end of input or a broken pipe
 //! (qrexec does not kill a service whose caller died), and any fatal error is
 //! sent to dom0 as `Response::Error` before exiting non-zero.
+//!
+//! Here the order of requests is checked; the archive itself is a
+//! [`Store`]: a mounted folder or an S3 bucket, as `Hello` names it.
 
 use crate::archive::Archive;
-use crate::chunk_source::ChunkSource;
-use crate::prune::{self, Prune};
-use crate::session_writer::SessionWriter;
-use crate::writer_thread::QueuedSession;
+use crate::local_store::LocalStore;
+use crate::store::{ChunkRef, Store};
 use anyhow::{anyhow, bail, Context, Result};
+use sparsebak_proto::frame::holds_whole_frame;
 use sparsebak_proto::msg::{MAX_KEY_FILE, META_PIECE};
-use sparsebak_proto::{read_msg, write_msg, MetaFile, Request, Response, PROTOCOL_VERSION};
-use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use sparsebak_proto::{read_msg, write_msg, Destination, Request, Response, PROTOCOL_VERSION};
+use std::io::{BufReader, BufWriter, Read, Write};
+
+/// Chunk reads answered together at most: the requests dom0 already sent
+/// are batched so that a store with latency (S3) fetches them at once.
+const READ_BATCH: usize = 32;
 
 /// A failed conversation; `reported` when dom0 already got the message (so
 /// it is not printed twice on the user's terminal).
@@ -26,27 +32,53 @@ pub fn serve_stdio() -> Result<(), ServeError> {
     serve(BufReader::with_capacity(1 << 20, stdin), BufWriter::with_capacity(1 << 20, stdout))
 }
 
-pub fn serve<R: Read, W: Write>(mut input: R, mut output: W) -> Result<(), ServeError> {
-    let mut server = Server { archive: None, writer: None, prune: None, chunks: ChunkSource::default() };
+pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Result<(), ServeError> {
+    let mut server = Server { store: None };
     loop {
         let req: Request = match read_msg(&mut input) {
             Ok(Some(req)) => req,
             Ok(None) => return Ok(()), // dom0 closed the conversation
             Err(e) => return fail(&mut output, anyhow!("reading request: {e}")),
         };
-        let flush_after =
-            !matches!(req, Request::PutChunk { .. } | Request::PutMeta { .. } | Request::PruneLink { .. });
-        match server.handle(req) {
-            Ok(Some(resp)) => {
-                if write_msg(&mut output, &resp).is_err() {
-                    return Ok(()); // dom0 went away: nothing more to do
+        if let Request::ReadChunk { volume, session, addr } = req {
+            let mut batch = vec![ChunkRef { volume, session, addr }];
+            let mut next = None;
+            while batch.len() < READ_BATCH && holds_whole_frame(input.buffer()) {
+                match read_msg(&mut input) {
+                    Ok(Some(Request::ReadChunk { volume, session, addr })) => {
+                        batch.push(ChunkRef { volume, session, addr })
+                    }
+                    Ok(other) => {
+                        next = other;
+                        break;
+                    }
+                    Err(e) => return fail(&mut output, anyhow!("reading request: {e}")),
                 }
             }
-            Ok(None) => {}
-            Err(e) => return fail(&mut output, e),
+            let answers = match server.store() {
+                Ok(store) => store.read_chunks(&batch),
+                Err(e) => return fail(&mut output, e),
+            };
+            for answer in answers {
+                let resp = match answer {
+                    Ok(data) => Response::Chunk(data),
+                    Err(e) => Response::ChunkError(format!("{e:#}")),
+                };
+                if write_msg(&mut output, &resp).is_err() {
+                    return Ok(());
+                }
+            }
+            if output.flush().is_err() {
+                return Ok(());
+            }
+            let Some(req) = next else { continue };
+            if let Err(e) = server.answer(req, &mut output) {
+                return e;
+            }
+            continue;
         }
-        if flush_after && output.flush().is_err() {
-            return Ok(());
+        if let Err(e) = server.answer(req, &mut output) {
+            return e;
         }
     }
 }
@@ -58,20 +90,41 @@ fn fail<W: Write>(output: &mut W, error: anyhow::Error) -> Result<(), ServeError
 }
 
 struct Server {
-    archive: Option<Archive>,
-    writer: Option<QueuedSession>,
-    /// A prune between `PruneBegin` and `PruneLinked`.
-    prune: Option<Prune>,
-    chunks: ChunkSource,
+    store: Option<Box<dyn Store>>,
 }
 
 impl Server {
-    fn archive(&self) -> Result<&Archive> {
-        self.archive.as_ref().context("protocol error: request before Hello")
+    fn store(&mut self) -> Result<&mut Box<dyn Store>> {
+        self.store.as_mut().context("protocol error: request before Hello")
     }
 
-    fn writer(&mut self) -> Result<&mut QueuedSession> {
-        self.writer.as_mut().context("protocol error: no open session")
+    /// Handles one request and writes its answer; `Err` holds how the
+    /// conversation ends (dom0 gone: `Ok`; a fatal error: reported).
+    fn answer<W: Write>(&mut self, req: Request, output: &mut W) -> Result<(), Result<(), ServeError>> {
+        let flush_after =
+            !matches!(req, Request::PutChunk { .. } | Request::PutMeta { .. } | Request::PruneLink { .. });
+        match self.handle(req) {
+            Ok(Some(resp)) => {
+                if write_msg(output, &resp).is_err() {
+                    return Err(Ok(())); // dom0 went away: nothing more to do
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return Err(fail(output, e)),
+        }
+        if flush_after && output.flush().is_err() {
+            return Err(Ok(()));
+        }
+        Ok(())
+    }
+
+    /// A session or prune must not be open.
+    fn idle(&mut self) -> Result<&mut Box<dyn Store>> {
+        let store = self.store()?;
+        if store.session_open() || store.prune_open() {
+            bail!("protocol error: a session or prune is already open");
+        }
+        Ok(store)
     }
 
     fn handle(&mut self, req: Request) -> Result<Option<Response>> {
@@ -80,126 +133,91 @@ impl Server {
                 if version != PROTOCOL_VERSION {
                     bail!("protocol version mismatch: dom0 speaks {version}, this receiver speaks {PROTOCOL_VERSION}; install matching sparsebak versions");
                 }
-                if self.archive.is_some() {
+                if self.store.is_some() {
                     bail!("protocol error: second Hello");
                 }
-                self.archive = Some(Archive::open(&dest)?);
+                dest.validate()?;
+                self.store = Some(match dest {
+                    Destination::Mounted { mountpoint, dir } => {
+                        Box::new(LocalStore::new(Archive::open(&mountpoint, &dir)?))
+                    }
+                    Destination::S3 { bucket, prefix } => Box::new(crate::s3::S3Store::open(&bucket, &prefix)?),
+                });
                 Some(Response::Ready { version: PROTOCOL_VERSION })
             }
-            Request::ListSessions { volume } => Some(Response::Sessions(self.archive()?.list_sessions(&volume)?)),
+            Request::ListSessions { volume } => Some(Response::Sessions(self.store()?.list_sessions(&volume)?)),
             Request::BeginSession { volume, session, format } => {
-                if self.writer.is_some() || self.prune.is_some() {
-                    bail!("protocol error: a session or prune is already open");
-                }
-                let writer = SessionWriter::begin(self.archive()?, &volume, &session, format)?;
-                self.writer = Some(QueuedSession::start(writer)?);
+                self.idle()?.begin_session(&volume, &session, format)?;
                 Some(Response::Done)
             }
             Request::PutChunk { addr, data } => {
-                self.writer()?.put_chunk(addr, data)?;
+                self.store()?.put_chunk(addr, data)?;
                 None
             }
             Request::PutMeta { file, data } => {
-                if data.len() > sparsebak_proto::msg::META_PIECE {
+                if data.len() > META_PIECE {
                     bail!("metadata piece of {} bytes is too large", data.len());
                 }
-                match &mut self.prune {
-                    Some(p) => p.put_meta(file, &data)?,
-                    None => self.writer()?.put_meta(file, data)?,
-                }
+                self.store()?.put_meta(file, data)?;
                 None
             }
             Request::Commit => {
-                self.writer.take().context("protocol error: commit without a session")?.finish()?.commit()?;
+                self.store()?.commit()?;
                 Some(Response::Done)
             }
             Request::ReadChunk { volume, session, addr } => {
-                let dir = self.archive()?.session_dir(&volume, &session)?;
-                Some(match self.chunks.read(&dir, addr) {
-                    Ok(data) => Response::Chunk(data),
-                    Err(e) => Response::ChunkError(format!("{e:#}")),
+                let mut answers = self.store()?.read_chunks(&[ChunkRef { volume, session, addr }]);
+                Some(match answers.pop() {
+                    Some(Ok(data)) => Response::Chunk(data),
+                    Some(Err(e)) => Response::ChunkError(format!("{e:#}")),
+                    None => bail!("internal error: no answer to a chunk read"),
                 })
             }
             Request::PruneBegin { volume, pruned, into } => {
-                if self.writer.is_some() || self.prune.is_some() {
-                    bail!("protocol error: a session or prune is already open");
-                }
-                self.chunks.forget();
-                self.prune = Some(Prune::begin(self.archive()?, &volume, &pruned, &into)?);
+                self.idle()?.prune_begin(&volume, &pruned, &into)?;
                 Some(Response::Done)
             }
             Request::PruneLink { addrs } => {
-                self.prune.as_mut().context("protocol error: no prune open")?.add(&addrs)?;
+                self.store()?.prune_add(&addrs)?;
                 None
             }
-            Request::PruneLinked => {
-                let p = self.prune.take().context("protocol error: no prune open")?;
-                let bytes = p.link(&mut self.chunks)?;
-                Some(Response::Linked { bytes })
-            }
+            Request::PruneLinked => Some(Response::Linked { bytes: self.store()?.prune_link()? }),
             Request::PruneFinish { volume, pruned, into, info } => {
-                if info.len() > sparsebak_proto::msg::META_PIECE {
+                if info.len() > META_PIECE {
                     bail!("info of {} bytes is too large", info.len());
                 }
-                self.chunks.forget();
-                prune::finish(self.archive()?, &volume, &pruned, &into, &info)?;
+                self.store()?.prune_finish(&volume, &pruned, &into, &info)?;
                 Some(Response::Done)
             }
             Request::PruneAbort { volume } => {
-                self.chunks.forget();
-                prune::abort(self.archive()?, &volume)?;
+                self.store()?.prune_abort(&volume)?;
                 Some(Response::Done)
             }
             Request::DeleteVolume { volume } => {
-                self.chunks.forget();
-                self.archive()?.delete_volume(&volume)?;
+                self.store()?.delete_volume(&volume)?;
                 Some(Response::Done)
             }
             Request::ReadMeta { volume, session, file, offset } => {
-                let path = self.archive()?.session_dir(&volume, &session)?.join(file.file_name());
-                Some(match read_piece(&path, offset, META_PIECE) {
+                Some(match self.store()?.read_meta(&volume, &session, file, offset, META_PIECE) {
                     Ok(data) => Response::Meta(data),
                     Err(e) => Response::ChunkError(format!("{e:#}")),
                 })
             }
-            Request::GetKey { pool } => {
-                let path = self.archive()?.key_path(&pool)?;
-                Some(Response::Key(match std::fs::metadata(&path) {
-                    Ok(_) => Some(read_piece(&path, 0, MAX_KEY_FILE)?),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                    Err(e) => return Err(e).with_context(|| format!("stat {}", path.display())),
-                }))
-            }
+            Request::GetKey { pool } => Some(Response::Key(self.store()?.get_key(&pool, MAX_KEY_FILE)?)),
             Request::ReplaceInfo { volume, session, info } => {
-                if self.writer.is_some() || self.prune.is_some() {
-                    bail!("protocol error: a session or prune is open");
-                }
                 if info.len() > META_PIECE {
                     bail!("info of {} bytes is too large", info.len());
                 }
-                let dir = self.archive()?.session_dir(&volume, &session)?;
-                if !dir.is_dir() {
-                    bail!("{volume}: no committed session {session}");
-                }
-                sparsebak_fsutil::write_file_durably(&dir.join(MetaFile::Info.file_name()), &info)?;
+                self.idle()?.replace_info(&volume, &session, &info)?;
                 Some(Response::Done)
             }
             Request::PutKey { pool, data } => {
                 if data.len() > MAX_KEY_FILE {
                     bail!("key file of {} bytes is too large", data.len());
                 }
-                sparsebak_fsutil::create_file_durably(&self.archive()?.key_path(&pool)?, &data)?;
+                self.store()?.put_key(&pool, &data)?;
                 Some(Response::Done)
             }
         })
     }
-}
-
-/// Up to `max` bytes of a file from `offset` (empty at or past its end).
-fn read_piece(path: &std::path::Path, offset: u64, max: usize) -> Result<Vec<u8>> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    f.seek(std::io::SeekFrom::Start(offset)).with_context(|| format!("seeking in {}", path.display()))?;
-    let mut data = Vec::new();
-    f.take(max as u64).read_to_end(&mut data).with_context(|| format!("reading {}", path.display()))?;
-    Ok(data)
 }

@@ -86,13 +86,12 @@ impl Drop for QueuedSession {
 mod tests {
     use super::*;
     use crate::archive::Archive;
-    use sparsebak_proto::{Destination, StoreFormat, VolumeRef};
+    use sparsebak_proto::{StoreFormat, VolumeRef};
 
     fn archive(tmp: &tempfile::TempDir) -> Archive {
         // `/` is always a mount point; the archive lives below the temp dir.
         let dir = tmp.path().strip_prefix("/").expect("absolute").join("a");
-        Archive::open(&Destination { mountpoint: "/".into(), dir: dir.to_string_lossy().into_owned() })
-            .expect("archive")
+        Archive::open("/", &dir.to_string_lossy()).expect("archive")
     }
 
     const S: &str = "S_20261130-010000";

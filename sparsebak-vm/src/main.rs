@@ -5,10 +5,13 @@
 mod archive;
 mod chunk_source;
 mod cli;
+mod local_store;
 mod mounts;
 mod prune;
+mod s3;
 mod serve;
 mod session_writer;
+mod store;
 mod tar;
 mod writer_thread;
 

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 /// answers and exit code.
 fn hello(archive: &Path) -> (Vec<Response>, Option<i32>) {
     let dir = archive.strip_prefix("/").expect("absolute").to_string_lossy().into_owned();
-    let req = Request::Hello { version: PROTOCOL_VERSION, dest: Destination { mountpoint: "/".into(), dir } };
+    let req = Request::Hello { version: PROTOCOL_VERSION, dest: Destination::Mounted { mountpoint: "/".into(), dir } };
     let mut child = Command::new(env!("CARGO_BIN_EXE_sparsebak-vm"))
         .arg("serve")
         .stdin(Stdio::piped())

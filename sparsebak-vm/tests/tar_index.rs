@@ -50,7 +50,10 @@ impl Receiver {
         let output = BufReader::with_capacity(1 << 16, child.stdout.take().expect("stdout"));
         let mut r = Receiver { child, input, output };
         let dir = archive.strip_prefix("/").expect("absolute").to_string_lossy().into_owned();
-        r.send(&Request::Hello { version: PROTOCOL_VERSION, dest: Destination { mountpoint: "/".into(), dir } });
+        r.send(&Request::Hello {
+            version: PROTOCOL_VERSION,
+            dest: Destination::Mounted { mountpoint: "/".into(), dir },
+        });
         r.input.flush().expect("flush");
         assert_eq!(r.answer(), Response::Ready { version: PROTOCOL_VERSION });
         r

@@ -5,7 +5,7 @@
 //! a typo never silently turns into a default that backs up the wrong thing.
 
 use anyhow::{anyhow, bail, Context, Result};
-use sparsebak_proto::names;
+use sparsebak_proto::{names, Destination};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ const VAR_KEYS: &[&str] = &[
     "destvm",
     "destmountpoint",
     "destdir",
+    "desturl",
     "chunksize",
     "idletimeout",
     "encryption",
@@ -90,8 +91,8 @@ pub struct Config {
     pub meta_dir: PathBuf,
     pub source: SourceKind,
     pub dest_vm: DestVm,
-    pub dest_mountpoint: String,
-    pub dest_dir: String,
+    /// `destmountpoint`/`destdir`, or `desturl = s3://BUCKET/PREFIX`.
+    pub dest: Destination,
     /// Chunk size for volumes that are new to the archive.
     pub chunk_size: u64,
     /// `[var] idletimeout` (seconds): see [`DEFAULT_IDLE_TIMEOUT`].
@@ -159,10 +160,19 @@ impl Config {
             }
         };
         let dest_vm = parse_dest_vm(&get("destvm")?).context("key \"destvm\"")?;
-        let dest_mountpoint = get("destmountpoint")?;
-        names::validate_mountpoint(&dest_mountpoint).context("key \"destmountpoint\"")?;
-        let dest_dir = get("destdir")?;
-        names::validate_dest_dir(&dest_dir).context("key \"destdir\"")?;
+        let dest = match (var.get("desturl"), var.get("destmountpoint"), var.get("destdir")) {
+            (Some(url), None, None) => parse_dest_url(url).context("key \"desturl\"")?,
+            (Some(_), _, _) => {
+                bail!("[var] desturl cannot be combined with destmountpoint/destdir: use one or the other")
+            }
+            (None, _, _) => {
+                let mountpoint = get("destmountpoint")?;
+                names::validate_mountpoint(&mountpoint).context("key \"destmountpoint\"")?;
+                let dir = get("destdir")?;
+                names::validate_dest_dir(&dir).context("key \"destdir\"")?;
+                Destination::Mounted { mountpoint, dir }
+            }
+        };
         let chunk_size = match var.get("chunksize") {
             None => DEFAULT_CHUNK_SIZE,
             Some(v) => parse_chunk_size(v).context("key \"chunksize\"")?,
@@ -214,8 +224,7 @@ impl Config {
             meta_dir,
             source,
             dest_vm,
-            dest_mountpoint,
-            dest_dir,
+            dest,
             chunk_size,
             idle_timeout,
             encryption,
@@ -318,6 +327,18 @@ fn validate_volume_for(source: &SourceKind, name: &str) -> Result<()> {
         SourceKind::Lvm { .. } => names::validate_volume_name(name),
         SourceKind::Local { .. } => names::validate_volume_path(name),
     }
+}
+
+/// `s3://BUCKET/PREFIX`: the bucket and a non-empty relative prefix. The
+/// endpoint and credentials are the receiver's (its `s3.ini`), never dom0's.
+fn parse_dest_url(value: &str) -> Result<Destination> {
+    let Some(rest) = value.strip_prefix("s3://") else {
+        bail!("{:?} is not an s3://BUCKET/PREFIX address", value.escape_debug().to_string());
+    };
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let dest = Destination::S3 { bucket: bucket.to_string(), prefix: prefix.trim_end_matches('/').to_string() };
+    dest.validate()?;
+    Ok(dest)
 }
 
 fn parse_dest_vm(value: &str) -> Result<DestVm> {
@@ -467,6 +488,23 @@ mod tests {
         assert!(
             err_of(&LVM.replace("destdir = backups\n", "destdir = backups\nautoprune = yes\n")).contains("autoprune")
         );
+    }
+
+    #[test]
+    fn s3_destinations() {
+        let with = |dest: &str| LVM.replace("destmountpoint = /mnt/volume\ndestdir = backups\n", dest);
+        let c = parse(&with("desturl = s3://offsite-backups/sparsebak/laptop/\n")).expect("valid");
+        let want = Destination::S3 { bucket: "offsite-backups".into(), prefix: "sparsebak/laptop".into() };
+        assert_eq!(c.dest, want);
+        assert_eq!(c.dest.to_string(), "s3://offsite-backups/sparsebak/laptop");
+        let e = err_of(&with("desturl = s3://b1/p\ndestdir = x\n"));
+        assert!(e.contains("desturl cannot be combined"), "{e}");
+        for bad in ["http://b1/p", "s3://b1", "s3://b1/", "s3://B1/p", "s3://b1/../p", "s3://b1//p"] {
+            let e = err_of(&with(&format!("desturl = {bad}\n")));
+            assert!(e.contains("desturl"), "{bad}: {e}");
+        }
+        let e = err_of(&with(""));
+        assert!(e.contains("destmountpoint"), "{e}");
     }
 
     #[test]

@@ -95,7 +95,7 @@ impl Ctx<'_> {
             meta_dir: &self.config.meta_dir,
             pool_dir: &self.pool_dir,
             encryption: self.config.encryption,
-            archive: (&self.config.dest_mountpoint, &self.config.dest_dir),
+            archive: &self.config.dest,
         }
     }
 

@@ -22,9 +22,8 @@ pub struct KeyScope<'a> {
     pub pool_dir: &'a str,
     /// The config's `encryption` setting.
     pub encryption: bool,
-    /// The archive on the receiver (`destmountpoint`/`destdir`), to name its
-    /// key file in messages.
-    pub archive: (&'a str, &'a str),
+    /// The archive on the receiver, to name its key file in messages.
+    pub archive: &'a sparsebak_proto::Destination,
 }
 
 impl KeyScope<'_> {
@@ -34,7 +33,7 @@ impl KeyScope<'_> {
 
     /// The archive's key file as the receiver holds it (for messages only).
     fn archive_key_path(&self) -> PathBuf {
-        Path::new(self.archive.0).join(self.archive.1).join(self.pool_dir).join(sparsebak_proto::layout::KEY_FILE)
+        Path::new(&self.archive.to_string()).join(self.pool_dir).join(sparsebak_proto::layout::KEY_FILE)
     }
 }
 

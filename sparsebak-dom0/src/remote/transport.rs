@@ -12,7 +12,7 @@ use crate::ui::printable::{self, printable};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use sparsebak_proto::{read_msg, write_msg, Destination, FrameError, Request, Response};
+use sparsebak_proto::{read_msg, write_msg, FrameError, Request, Response};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
@@ -206,7 +206,7 @@ impl Receiver {
                 input: BufReader::with_capacity(1 << 20, Idle::new(stdout, config.idle_timeout)?),
             },
         };
-        rx.hello(Destination { mountpoint: config.dest_mountpoint.clone(), dir: config.dest_dir.clone() })?;
+        rx.hello(config.dest.clone())?;
         Ok(rx)
     }
 

@@ -2,8 +2,9 @@
 # test-all.sh: install what the tests need (Debian packages, as root) and run
 # every test: formatting and lints, unit and integration tests (the real
 # binaries over real pipes, archives on tmpfs), the qrexec wrapper and policy
-# checks, and the LVM thin tests against real lvm2/device-mapper/thin_delta
-# inside a throwaway VM (tests/vm/run-in-vm).
+# checks, the S3 archive tests against a real Ceph cluster, and the LVM
+# thin tests against real lvm2/device-mapper/thin_delta inside a throwaway
+# VM (tests/vm/run-in-vm).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -29,6 +30,9 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v nbdcopy >/dev/null || need+=(libnbd-bin)
+# A real object store for the S3 archive tests (sparsebak-dom0/tests/s3.rs
+# starts a single-node Ceph cluster with RGW from these packages).
+bash tests/s3/setup-ceph.sh
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null

@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 const CHUNK: u64 = 128 * 1024;
 
@@ -29,11 +28,7 @@ impl Export {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn export");
-        let started = Instant::now();
-        while !socket.exists() {
-            assert!(started.elapsed() < Duration::from_secs(60), "the export's socket never appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_socket(&socket);
         Export { child: Some(child), socket }
     }
 

@@ -406,3 +406,16 @@ impl Drop for LoopFs {
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
     }
 }
+
+/// Waits (at most a minute) until a server's socket appears.
+pub fn wait_for_socket(socket: &Path) {
+    let started = std::time::Instant::now();
+    while !socket.exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the socket {} never appeared",
+            socket.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,474 @@
+//! Archives in an S3 bucket of a real object store: a single-node Ceph
+//! cluster with its S3 gateway (RGW) on 127.0.0.1, started once for this
+//! test binary by `tests/s3/ceph-cluster.sh` (installed by
+//! `tests/s3/setup-ceph.sh`, which `.ci/run` runs) and stopped by a
+//! watchdog when the binary exits. Each test works under its own prefix;
+//! the one that stops the gateway takes the cluster for itself.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+const CHUNK: u64 = 128 * 1024;
+
+struct Cluster {
+    dir: PathBuf,
+    vars: BTreeMap<String, String>,
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+/// Tests share the cluster (read); stopping the gateway takes it (write).
+static GATEWAY: RwLock<()> = RwLock::new(());
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+fn cluster_script(args: &[&str]) -> std::process::Output {
+    Command::new("bash").arg(repo_file("tests/s3/ceph-cluster.sh")).args(args).output().expect("run ceph-cluster.sh")
+}
+
+fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("sparsebak-ceph.").tempdir_in("/var/tmp").expect("tempdir").keep();
+        let d = dir.display().to_string();
+        let out = cluster_script(&["start", &d]);
+        // Stop the cluster when this test binary exits, however it exits.
+        let watchdog = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; bash {script} stop {d} >/dev/null 2>&1; rm -rf {d}",
+            pid = std::process::id(),
+            script = repo_file("tests/s3/ceph-cluster.sh").display()
+        );
+        // `setsid -f` forks it off and returns at once.
+        let started = Command::new("setsid")
+            .args(["-f", "bash", "-c", &watchdog])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("start the cluster's watchdog");
+        assert!(started.success(), "starting the cluster's watchdog");
+        assert!(
+            out.status.success(),
+            "starting the Ceph test cluster failed (run tests/s3/setup-ceph.sh first): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(dir.join("env")).expect("cluster env");
+        let vars = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .collect();
+        Cluster { dir, vars }
+    })
+}
+
+impl Cluster {
+    fn var(&self, k: &str) -> &str {
+        self.vars.get(k).unwrap_or_else(|| panic!("{k} missing from the cluster's env"))
+    }
+    fn bucket(&self) -> &str {
+        self.var("S3_BUCKET")
+    }
+}
+
+/// A test's archive: `s3://BUCKET/<unique prefix>`, the receiver's settings
+/// file beside dom0's config.
+struct S3Env {
+    env: Env,
+    settings: PathBuf,
+}
+
+fn unique_prefix(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos();
+    format!("t-{tag}-{}-{nanos}", std::process::id())
+}
+
+/// Writes a receiver settings file with the cluster's endpoint.
+fn write_settings(path: &Path, section: &str, secret: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let c = cluster();
+    let text = format!(
+        "[{section}]\nendpoint = {}\nregion = {}\naccess_key = {}\nsecret_key = {secret}\npath_style = on\ntimeout = 10\nretries = 1\n",
+        c.var("S3_ENDPOINT"),
+        c.var("S3_REGION"),
+        c.var("S3_ACCESS_KEY"),
+    );
+    std::fs::write(path, text).expect("write settings");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod settings");
+}
+
+impl S3Env {
+    fn new(tag: &str, extra_var: &str) -> S3Env {
+        let c = cluster();
+        let env = Env::new(8); // its tmpfs stays unused: the archive is in the bucket
+        let settings = env.path("s3.ini");
+        write_settings(&settings, c.bucket(), c.var("S3_SECRET_KEY"), 0o600);
+        let s3 = S3Env { env, settings };
+        s3.write_config(&format!("s3://{}/{}", c.bucket(), unique_prefix(tag)), extra_var);
+        s3
+    }
+
+    fn write_config(&self, url: &str, extra_var: &str) {
+        let text = format!(
+            "[var]\nlocaldir = {}\ndestvm = none\ndesturl = {url}\n{extra_var}\n[volumes]\n{VOL} = enable\n",
+            self.env.path("images").display()
+        );
+        std::fs::write(self.env.config(), text).expect("write config");
+    }
+
+    /// sparsebak with the passphrase file and this test's receiver settings.
+    fn run(&self, args: &[&str], vars: &[(&str, &str)]) -> std::process::Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sparsebak"));
+        cmd.arg("--config").arg(self.env.config()).arg("--passphrase-file").arg(self.env.passphrase_file());
+        cmd.args(args).env("SPARSEBAK_VM_CONFIG", &self.settings);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("spawn sparsebak")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args, &[]);
+        let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "sparsebak {args:?} failed: {text}");
+        text
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "sparsebak {args:?} should have failed: {stderr}");
+        stderr
+    }
+
+    /// Sessions as `list VOL` prints them on stdout.
+    fn sessions(&self) -> Vec<String> {
+        let out = self.run(&["list", VOL], &[]);
+        assert!(out.status.success(), "list failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+
+    /// A send that must add one session; keeps a copy of the image for it.
+    fn send(&self, copies: &mut BTreeMap<String, PathBuf>) -> String {
+        let before = self.sessions().len();
+        self.ok(&["send"]);
+        let sessions = self.sessions();
+        assert_eq!(sessions.len(), before + 1, "send created a session: {sessions:?}");
+        let name = sessions.last().expect("a session").clone();
+        copies.insert(name.clone(), self.env.snapshot_image(&name));
+        name
+    }
+
+    /// Every listed session restores bit-identical to its copy, and
+    /// verify passes.
+    fn check_all(&self, copies: &BTreeMap<String, PathBuf>) {
+        let listed = self.sessions();
+        assert!(!listed.is_empty());
+        self.check(copies, &listed);
+    }
+
+    /// These sessions restore bit-identical to their copies, and verify
+    /// of the newest passes.
+    fn check(&self, copies: &BTreeMap<String, PathBuf>, sessions: &[String]) {
+        for s in sessions {
+            let dest = self.env.path("out").join(format!("r-{s}"));
+            self.ok(&["receive", VOL, "-u", &format!("--save-to={}", dest.display()), &format!("--session={s}")]);
+            assert_same_file(&dest, copies.get(s).unwrap_or_else(|| panic!("no copy of {s}")));
+            std::fs::remove_file(&dest).expect("remove restore");
+        }
+        self.ok(&["verify", VOL]);
+    }
+}
+
+/// Only single one-line errors: every `error:` line of stderr.
+fn error_lines(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.contains("error:")).collect()
+}
+
+/// Writes three scattered chunks and zeroes one, as a day of use would.
+fn change(img: &Path, round: u64) {
+    for j in 0..3u64 {
+        write_at(img, ((round * 5 + j * 7) % 40) * CHUNK + 100, &random_bytes(1000 + round * 3 + j, 4096));
+    }
+    punch_hole(img, ((round * 11) % 40) * CHUNK, CHUNK);
+}
+
+#[test]
+fn every_command_works_on_an_s3_archive() {
+    let _shared = GATEWAY.read().unwrap_or_else(|e| e.into_inner());
+    for encryption in ["on", "off"] {
+        let s3 = S3Env::new(&format!("cycle-{encryption}"), &format!("encryption = {encryption}\n"));
+        let img = s3.env.image();
+        let mut copies = BTreeMap::new();
+        write_at(&img, 0, &random_bytes(7, 4 * MIB as usize));
+        write_at(&img, 4 * MIB, &text_bytes(0, MIB as usize));
+        set_len(&img, 6 * MIB);
+        s3.send(&mut copies);
+        for round in 0..4 {
+            change(&img, round);
+            s3.send(&mut copies);
+        }
+        // A grown volume, then an unchanged one.
+        append(&img, &random_bytes(99, 300_000));
+        s3.send(&mut copies);
+        let before = s3.sessions();
+        assert!(s3.ok(&["send"]).contains("no changes"));
+        assert_eq!(s3.sessions(), before);
+        s3.check_all(&copies);
+
+        // Tags survive in the archive.
+        let newest = s3.sessions().last().expect("newest").clone();
+        s3.ok(&["tag", VOL, &newest, "keep"]);
+        assert!(s3.ok(&["list", VOL]).contains("tags=keep"));
+
+        // Prune one session, then by rule, leaving the newest ones.
+        let first = s3.sessions()[1].clone();
+        s3.ok(&["prune", VOL, &format!("--session={first}")]);
+        assert!(!s3.sessions().contains(&first));
+        s3.check_all(&copies);
+        let range = s3.sessions();
+        s3.ok(&["prune", VOL, &format!("--session={},{}", range[0], range[1])]);
+        let after = s3.sessions();
+        assert!(!after.contains(&range[0]) && !after.contains(&range[1]), "range pruned: {after:?}");
+        s3.check_all(&copies);
+        s3.ok(&["prune", VOL, "--keep-last=2"]);
+        let left = s3.sessions();
+        assert_eq!(left.len(), 2, "{left:?}");
+        s3.check_all(&copies);
+
+        // The NBD export reads the newest session from the bucket.
+        let socket = s3.env.path("nbd.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sparsebak"))
+            .arg("--config")
+            .arg(s3.env.config())
+            .args(["export", VOL, "--once", "--socket"])
+            .arg(&socket)
+            .env("SPARSEBAK_VM_CONFIG", &s3.settings)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn export");
+        wait_for_socket(&socket);
+        let uri = format!("nbd+unix:///{VOL}?socket={}", socket.display());
+        let newest_copy = copies[left.last().expect("newest")].display().to_string();
+        let cmp = Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &newest_copy, &uri]).output();
+        let cmp = cmp.expect("run qemu-img (qemu-utils)");
+        assert!(cmp.status.success(), "qemu-img compare: {}", String::from_utf8_lossy(&cmp.stdout));
+        assert!(child.wait().expect("export ends after its one client").success());
+
+        // Recover rebuilds dom0's metadata from the bucket.
+        s3.env.lose_dom0_metadata();
+        s3.ok(&["recover", "-u"]);
+        assert_eq!(s3.sessions(), left);
+        s3.check_all(&copies);
+
+        // Delete removes the volume; the next send is a full one.
+        s3.ok(&["delete", VOL, "-u"]);
+        assert!(s3.sessions().is_empty());
+        s3.env.lose_dom0_metadata();
+        let out = s3.run(&["recover", "-u"], &[]);
+        assert!(!out.status.success(), "nothing left to recover");
+        s3.send(&mut copies);
+        s3.check_all(&copies);
+    }
+}
+
+#[test]
+fn kills_during_send_and_prune_are_recovered_by_the_next_run() {
+    let _shared = GATEWAY.read().unwrap_or_else(|e| e.into_inner());
+    let s3 = S3Env::new("kills", "");
+    let img = s3.env.image();
+    let mut copies = BTreeMap::new();
+    write_at(&img, 0, &random_bytes(11, 5 * MIB as usize));
+    s3.send(&mut copies);
+    // A killed send (either side, at every step of its commit): nothing
+    // half-made is listed, and the next send goes on.
+    for (var, k) in [(RECEIVER, 1), (RECEIVER, 2), (RECEIVER, 3), (DOM0, 1), (DOM0, 2), (DOM0, 3)] {
+        change(&img, k + if var == DOM0 { 10 } else { 0 });
+        let pending = s3.env.snapshot_image(&format!("pending-{var}-{k}"));
+        let before = s3.sessions();
+        let out = s3.run(&["send"], &[(var, &k.to_string())]);
+        let stopped = String::from_utf8_lossy(&out.stderr).contains("test hook");
+        if stopped {
+            assert!(!out.status.success(), "{var}={k}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        // The next send adopts a session the receiver committed before the
+        // kill, and adds its own.
+        change(&img, 30 + k);
+        s3.ok(&["send"]);
+        let new: Vec<String> = s3.sessions().into_iter().filter(|s| !before.contains(s)).collect();
+        match new.as_slice() {
+            [own] => {
+                copies.insert(own.clone(), s3.env.snapshot_image(own));
+            }
+            [adopted, own] => {
+                copies.insert(adopted.clone(), pending);
+                copies.insert(own.clone(), s3.env.snapshot_image(own));
+            }
+            other => panic!("{var}={k}: unexpected new sessions {other:?}"),
+        }
+        if var == RECEIVER && k == 3 {
+            assert!(stopped && new.len() == 2, "{var}={k}: the committed session is adopted: {new:?}");
+        }
+        s3.check_all(&copies);
+    }
+    // A killed prune, at every step of either side: the next command
+    // settles it, and every session listed then restores.
+    // The receiver's prune has at least 6 steps on S3 (journal, copies,
+    // linked, three to finish).
+    for (var, k) in (1..=10).map(|k| (DOM0, k)).chain((1..=7).map(|k| (RECEIVER, k))) {
+        change(&img, 20 + k);
+        s3.send(&mut copies);
+        let sessions = s3.sessions();
+        let p = sessions[0].clone();
+        let out = s3.run(&["prune", VOL, &format!("--session={p}")], &[(var, &k.to_string())]);
+        std::thread::sleep(Duration::from_millis(50));
+        let stopped = String::from_utf8_lossy(&out.stderr).contains("test hook");
+        if var == DOM0 || k <= 6 {
+            assert!(stopped, "{var}={k}: the hook did not stop the prune: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // verify settles the prune; then the sessions it touched restore.
+        s3.ok(&["verify", VOL]);
+        let listed = s3.sessions();
+        assert!(listed.contains(&sessions[1]), "{var}={k}: the session pruned into survives");
+        let touched: Vec<String> = listed.iter().filter(|s| **s == p || **s == sessions[1]).cloned().collect();
+        s3.check(&copies, &touched);
+    }
+    s3.check_all(&copies);
+}
+
+const DOM0: &str = "SPARSEBAK_TEST_STOP_AFTER";
+const RECEIVER: &str = "SPARSEBAK_VM_TEST_STOP_AFTER";
+
+#[test]
+fn a_gateway_stopped_mid_send_fails_in_one_line_and_loses_nothing() {
+    let _alone = GATEWAY.write().unwrap_or_else(|e| e.into_inner());
+    let c = cluster();
+    let d = c.dir.display().to_string();
+    let s3 = S3Env::new("gateway", "");
+    let img = s3.env.image();
+    let mut copies = BTreeMap::new();
+    write_at(&img, 0, &random_bytes(21, 4 * MIB as usize));
+    s3.send(&mut copies);
+    write_at(&img, 0, &random_bytes(22, 96 * MIB as usize));
+    let before = s3.sessions();
+    let sending = {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sparsebak"));
+        cmd.arg("--config").arg(s3.env.config()).arg("send").env("SPARSEBAK_VM_CONFIG", &s3.settings);
+        cmd.stderr(Stdio::piped()).spawn().expect("spawn send")
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    let stop = cluster_script(&["stop-rgw", &d]);
+    assert!(stop.status.success(), "stop-rgw: {}", String::from_utf8_lossy(&stop.stderr));
+    let started = Instant::now();
+    let out = sending.wait_with_output().expect("send ends");
+    let waited = started.elapsed();
+    let start = cluster_script(&["start-rgw", &d]);
+    assert!(start.status.success(), "start-rgw: {}", String::from_utf8_lossy(&start.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the send must fail with the gateway gone: {stderr}");
+    assert!(waited < Duration::from_secs(120), "the send took {waited:?} to give up");
+    let errors = error_lines(&stderr);
+    assert_eq!(errors.len(), 1, "one error line: {stderr}");
+    assert!(errors[0].contains("cannot reach the object store"), "{stderr}");
+    // Nothing was lost, and the next send goes on.
+    assert_eq!(s3.sessions(), before);
+    s3.send(&mut copies);
+    s3.check_all(&copies);
+}
+
+#[test]
+fn bad_settings_and_buckets_get_clear_errors() {
+    let _shared = GATEWAY.read().unwrap_or_else(|e| e.into_inner());
+    let c = cluster();
+    let s3 = S3Env::new("settings", "");
+    write_at(&s3.env.image(), 0, &random_bytes(31, MIB as usize));
+    let one_error = |stderr: &str, wants: &[&str]| {
+        let errors = error_lines(stderr);
+        assert_eq!(errors.len(), 1, "{stderr}");
+        for w in wants {
+            assert!(errors[0].contains(w), "{w:?} not in {stderr}");
+        }
+    };
+    let settings = s3.settings.display().to_string();
+    // Wrong secret key.
+    write_settings(&s3.settings, c.bucket(), "not-the-secret", 0o600);
+    one_error(&s3.fails(&["send"]), &["refused the credentials", &settings]);
+    // Settings others can read.
+    write_settings(&s3.settings, c.bucket(), c.var("S3_SECRET_KEY"), 0o644);
+    one_error(&s3.fails(&["send"]), &[&settings, "chmod 600"]);
+    // No section for the bucket.
+    write_settings(&s3.settings, "another-bucket", c.var("S3_SECRET_KEY"), 0o600);
+    one_error(&s3.fails(&["send"]), &[&settings, c.bucket()]);
+    // A bucket that does not exist.
+    write_settings(&s3.settings, "no-such-bucket", c.var("S3_SECRET_KEY"), 0o600);
+    s3.write_config("s3://no-such-bucket/x", "");
+    one_error(&s3.fails(&["send"]), &["no-such-bucket", "does not exist"]);
+    // A missing settings file.
+    std::fs::remove_file(&s3.settings).expect("remove settings");
+    one_error(&s3.fails(&["send"]), &[&settings, "no-such-bucket"]);
+    // Tar sessions are refused; nothing is listed after it.
+    write_settings(&s3.settings, c.bucket(), c.var("S3_SECRET_KEY"), 0o600);
+    s3.write_config(&format!("s3://{}/{}", c.bucket(), unique_prefix("tar")), "");
+    one_error(&s3.fails(&["send", "--tarfile"]), &["not supported in S3 archives"]);
+    assert!(s3.sessions().is_empty());
+    s3.ok(&["send"]);
+}
+
+/// An S3 server that ignores `If-None-Match: *` (every PUT succeeds), as
+/// some S3-compatible stores do: the receiver's probe must refuse it before
+/// anything is written.
+const OVERWRITING_SERVER: &str = r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_PUT(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("ETag", '"0"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def do_DELETE(self):
+        self.send_response(204)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+s = http.server.HTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+#[test]
+fn a_store_that_overwrites_despite_create_only_puts_is_refused() {
+    use std::io::BufRead;
+    let s3 = S3Env::new("overwrite", "");
+    write_at(&s3.env.image(), 0, &random_bytes(41, MIB as usize));
+    let mut server = Command::new("python3")
+        .args(["-c", OVERWRITING_SERVER])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start python3 http.server");
+    let mut port = String::new();
+    let stdout = server.stdout.take().expect("stdout");
+    std::io::BufReader::new(stdout).read_line(&mut port).expect("port");
+    let text = format!(
+        "[overwriting-store]\nendpoint = http://127.0.0.1:{}\naccess_key = a\nsecret_key = s\npath_style = on\ntimeout = 5\nretries = 0\n",
+        port.trim()
+    );
+    std::fs::write(&s3.settings, text).expect("write settings");
+    s3.write_config("s3://overwriting-store/x", "");
+    let stderr = s3.fails(&["send"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    let errors = error_lines(&stderr);
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("refusing this object store") && errors[0].contains("If-None-Match"), "{stderr}");
+    assert!(!s3.env.path("meta/local%images").join(VOL).exists(), "nothing recorded in dom0");
+}

@@ -68,6 +68,18 @@ fn cluster() -> &'static Cluster {
 }
 
 impl Cluster {
+    /// Every object key under `prefix` (by `tests/s3/probe.py`, boto3).
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.arg(repo_file("tests/s3/probe.py")).args(["list", prefix]);
+        for (k, v) in &self.vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run probe.py");
+        assert!(out.status.success(), "probe.py list: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    }
+
     fn var(&self, k: &str) -> &str {
         self.vars.get(k).unwrap_or_else(|| panic!("{k} missing from the cluster's env"))
     }
@@ -81,6 +93,8 @@ impl Cluster {
 struct S3Env {
     env: Env,
     settings: PathBuf,
+    /// The archive's prefix in the bucket.
+    prefix: String,
 }
 
 fn unique_prefix(tag: &str) -> String {
@@ -108,8 +122,9 @@ impl S3Env {
         let env = Env::new(8); // its tmpfs stays unused: the archive is in the bucket
         let settings = env.path("s3.ini");
         write_settings(&settings, c.bucket(), c.var("S3_SECRET_KEY"), 0o600);
-        let s3 = S3Env { env, settings };
-        s3.write_config(&format!("s3://{}/{}", c.bucket(), unique_prefix(tag)), extra_var);
+        let prefix = unique_prefix(tag);
+        let s3 = S3Env { env, settings, prefix };
+        s3.write_config(&format!("s3://{}/{}", c.bucket(), s3.prefix), extra_var);
         s3
     }
 
@@ -165,6 +180,18 @@ impl S3Env {
         let name = sessions.last().expect("a session").clone();
         copies.insert(name.clone(), self.env.snapshot_image(&name));
         name
+    }
+
+    /// No object of a session without a commit object (what a killed send,
+    /// prune or delete leaves) and no prune journal remain.
+    fn assert_no_leftovers(&self, when: &str) {
+        let keys = cluster().keys(&format!("{}/", self.prefix));
+        let committed: Vec<&str> = keys.iter().filter_map(|k| k.strip_suffix(".committed")).collect();
+        let under_committed =
+            |k: &str| committed.iter().any(|c| k.starts_with(&format!("{c}/")) || k == format!("{c}.committed"));
+        let stray: Vec<&String> =
+            keys.iter().filter(|k| k.contains("prune.") || (k.contains("/S_") && !under_committed(k))).collect();
+        assert!(stray.is_empty(), "{when}: leftovers: {stray:?}");
     }
 
     /// Every listed session restores bit-identical to its copy, and
@@ -272,6 +299,8 @@ fn every_command_works_on_an_s3_archive() {
         // Delete removes the volume; the next send is a full one.
         s3.ok(&["delete", VOL, "-u"]);
         assert!(s3.sessions().is_empty());
+        let left = cluster().keys(&format!("{}/local%images/{VOL}/", s3.prefix));
+        assert!(left.is_empty(), "delete removes every object of the volume: {left:?}");
         s3.env.lose_dom0_metadata();
         let out = s3.run(&["recover", "-u"], &[]);
         assert!(!out.status.success(), "nothing left to recover");
@@ -318,6 +347,11 @@ fn kills_during_send_and_prune_are_recovered_by_the_next_run() {
         if var == RECEIVER && k == 3 {
             assert!(stopped && new.len() == 2, "{var}={k}: the committed session is adopted: {new:?}");
         }
+        if var == RECEIVER && k < 3 {
+            assert!(stopped && new.len() == 1, "{var}={k}: an uncommitted session is not listed: {new:?}");
+        }
+        // What the killed send left is gone after the next send.
+        s3.assert_no_leftovers(&format!("{var}={k}"));
         s3.check_all(&copies);
     }
     // A killed prune, at every step of either side: the next command
@@ -337,6 +371,7 @@ fn kills_during_send_and_prune_are_recovered_by_the_next_run() {
         }
         // verify settles the prune; then the sessions it touched restore.
         s3.ok(&["verify", VOL]);
+        s3.assert_no_leftovers(&format!("prune {var}={k}"));
         let listed = s3.sessions();
         assert!(listed.contains(&sessions[1]), "{var}={k}: the session pruned into survives");
         let touched: Vec<String> = listed.iter().filter(|s| **s == p || **s == sessions[1]).cloned().collect();

@@ -17,7 +17,9 @@ use std::io::{BufReader, BufWriter, Read, Write};
 
 /// Chunk reads answered together at most: the requests dom0 already sent
 /// are batched so that a store with latency (S3) fetches them at once.
-const READ_BATCH: usize = 32;
+/// The batch is held in memory: 16 of the largest chunks (4 MiB) stay
+/// within the receiver's 64 MiB.
+const READ_BATCH: usize = 16;
 
 /// A failed conversation; `reported` when dom0 already got the message (so
 /// it is not printed twice on the user's terminal).

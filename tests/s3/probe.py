@@ -10,6 +10,7 @@ whatever python3 comes first on PATH.
                            status (and error code); exits 1 if any differ
   probe.py put KEY TEXT    plain PUT
   probe.py get KEY TEXT    GET, asserts the body is TEXT
+  probe.py list PREFIX     prints every key under PREFIX, one per line
   probe.py refused         asserts a request fails at once with
                            "connection refused" (RGW stopped)
 
@@ -221,6 +222,12 @@ def main(argv):
             print(f"FAIL: {argv[2]} has {body!r}, expected {argv[3]!r}")
             return 1
         print(f"get {argv[2]}: ok")
+        return 0
+    if len(argv) == 3 and argv[1] == "list":
+        pages = client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=argv[2])
+        for page in pages:
+            for obj in page.get("Contents", []):
+                print(obj["Key"])
         return 0
     if argv[1:] == ["refused"]:
         return refused()

@@ -227,6 +227,40 @@ impl Bucket {
             .collect()
     }
 
+    /// Calls `f` with every line of the object at `key` (nothing if there is
+    /// none), streaming it: lines longer than `max_line` bytes are an error.
+    pub fn for_each_line(&self, key: &Path, max_line: usize, mut f: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let what = format!("reading {key}");
+        let got = match self.rt.block_on(self.store.get(key)) {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(self.fail(&what, e)),
+        };
+        let mut stream = got.into_stream();
+        let mut line = Vec::with_capacity(max_line);
+        loop {
+            let piece = match self.rt.block_on(stream.next()) {
+                None => break,
+                Some(Ok(piece)) => piece,
+                Some(Err(e)) => return Err(self.fail(&what, e)),
+            };
+            for &b in piece.iter() {
+                if b == b'\n' {
+                    f(&line)?;
+                    line.clear();
+                } else if line.len() >= max_line {
+                    bail!("{}: {key} has a line longer than {max_line} bytes", self.name);
+                } else {
+                    line.push(b);
+                }
+            }
+        }
+        if !line.is_empty() {
+            f(&line)?;
+        }
+        Ok(())
+    }
+
     /// Up to `max` bytes of `key` from `offset` (empty at or past its end).
     pub fn get_range(&self, key: &Path, offset: u64, max: usize) -> Result<Vec<u8>> {
         let what = format!("reading {key}");

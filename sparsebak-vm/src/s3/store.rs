@@ -218,15 +218,14 @@ impl S3Store {
         self.bucket.delete(&key(&format!("{vol}/{PRUNE_JOURNAL}"))?)
     }
 
-    /// Calls `f` with every address in the uploaded `prune.addrs`.
+    /// Calls `f` with every address in the uploaded `prune.addrs`, read as
+    /// a stream (it has a line per surviving chunk).
     fn for_each_recorded_addr(&self, vol: &str, mut f: impl FnMut(u64) -> Result<()>) -> Result<()> {
         let name = format!("{vol}/{ADDRS}");
-        let Some(bytes) = self.bucket.get(&key(&name)?, u64::MAX)? else { return Ok(()) };
-        for line in bytes.split(|&b| b == b'\n').filter(|l| l.len() == 16) {
+        self.bucket.for_each_line(&key(&name)?, 16, |line| {
             let hex = std::str::from_utf8(line).map_err(|_| anyhow!("{name}: not text"))?;
-            f(u64::from_str_radix(hex, 16).with_context(|| format!("{name}: bad address {hex:?}"))?)?;
-        }
-        Ok(())
+            f(u64::from_str_radix(hex, 16).with_context(|| format!("{name}: bad address {hex:?}"))?)
+        })
     }
 }
 

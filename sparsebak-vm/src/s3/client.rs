@@ -143,11 +143,14 @@ impl Bucket {
     }
 
     /// Starts uploading `data` to `key` in the background; waits first if
-    /// too many bytes are on their way. Errors of earlier uploads surface
-    /// here or in [`Bucket::wait_uploads`].
+    /// too many uploads or bytes are on their way (each upload holds its
+    /// data, a connection and a task until it is reaped here). Errors of
+    /// earlier uploads surface here or in [`Bucket::wait_uploads`].
     pub fn spawn_put(&mut self, key: Path, data: Vec<u8>) -> Result<()> {
         let len = data.len();
-        while self.upload_bytes + len > UPLOAD_BYTES_IN_FLIGHT && !self.uploads.is_empty() {
+        while (self.uploads.len() >= CONCURRENCY || self.upload_bytes + len > UPLOAD_BYTES_IN_FLIGHT)
+            && !self.uploads.is_empty()
+        {
             self.wait_one()?;
         }
         let store = Arc::clone(&self.store);

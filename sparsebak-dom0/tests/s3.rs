@@ -190,7 +190,7 @@ impl S3Env {
         let under_committed =
             |k: &str| committed.iter().any(|c| k.starts_with(&format!("{c}/")) || k == format!("{c}.committed"));
         let stray: Vec<&String> =
-            keys.iter().filter(|k| k.contains("prune.") || (k.contains("/S_") && !under_committed(k))).collect();
+            keys.iter().filter(|k| k.contains("prune") || (k.contains("/S_") && !under_committed(k))).collect();
         assert!(stray.is_empty(), "{when}: leftovers: {stray:?}");
     }
 
@@ -319,19 +319,18 @@ fn kills_during_send_and_prune_are_recovered_by_the_next_run() {
     s3.send(&mut copies);
     // A killed send (either side, at every step of its commit): nothing
     // half-made is listed, and the next send goes on.
-    for (var, k) in [(RECEIVER, 1), (RECEIVER, 2), (RECEIVER, 3), (DOM0, 1), (DOM0, 2), (DOM0, 3)] {
+    // dom0 has two steps in a send (committed by the receiver, recorded).
+    for (var, k) in [(RECEIVER, 1), (RECEIVER, 2), (RECEIVER, 3), (DOM0, 1), (DOM0, 2)] {
         change(&img, k + if var == DOM0 { 10 } else { 0 });
         let pending = s3.env.snapshot_image(&format!("pending-{var}-{k}"));
         let before = s3.sessions();
         let out = s3.run(&["send"], &[(var, &k.to_string())]);
         let stopped = String::from_utf8_lossy(&out.stderr).contains("test hook");
-        if stopped {
-            assert!(!out.status.success(), "{var}={k}");
-        }
+        assert!(stopped && !out.status.success(), "{var}={k}: the hook did not stop the send");
         std::thread::sleep(Duration::from_millis(50));
         // The next send adopts a session the receiver committed before the
         // kill, and adds its own.
-        change(&img, 30 + k);
+        change(&img, 30 + k + if var == DOM0 { 10 } else { 0 });
         s3.ok(&["send"]);
         let new: Vec<String> = s3.sessions().into_iter().filter(|s| !before.contains(s)).collect();
         match new.as_slice() {
@@ -356,17 +355,18 @@ fn kills_during_send_and_prune_are_recovered_by_the_next_run() {
     }
     // A killed prune, at every step of either side: the next command
     // settles it, and every session listed then restores.
-    // The receiver's prune has at least 6 steps on S3 (journal, copies,
-    // linked, three to finish).
-    for (var, k) in (1..=10).map(|k| (DOM0, k)).chain((1..=7).map(|k| (RECEIVER, k))) {
-        change(&img, 20 + k);
+    // The receiver's prune has at least 7 steps on S3 here (journal, a
+    // batch of 16 copies, the last copies, linked, three to finish): a kill
+    // between batches of copies is among them.
+    for (var, k) in (1..=10).map(|k| (DOM0, k)).chain((1..=8).map(|k| (RECEIVER, k))) {
+        change(&img, if var == DOM0 { 100 + k } else { 200 + k });
         s3.send(&mut copies);
         let sessions = s3.sessions();
         let p = sessions[0].clone();
         let out = s3.run(&["prune", VOL, &format!("--session={p}")], &[(var, &k.to_string())]);
         std::thread::sleep(Duration::from_millis(50));
         let stopped = String::from_utf8_lossy(&out.stderr).contains("test hook");
-        if var == DOM0 || k <= 6 {
+        if var == DOM0 || k <= 7 {
             assert!(stopped, "{var}={k}: the hook did not stop the prune: {}", String::from_utf8_lossy(&out.stderr));
         }
         // verify settles the prune; then the sessions it touched restore.

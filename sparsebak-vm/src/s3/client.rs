@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 const UPLOAD_BYTES_IN_FLIGHT: usize = 24 << 20;
 /// Requests run at once by the batch operations.
 const CONCURRENCY: usize = 16;
-/// Files up to this size are uploaded with one request, larger ones in
+/// Objects up to this size are uploaded with one request, larger ones in
 /// parts of this size (S3 wants at least 5 MiB per part).
 const PART: usize = 8 << 20;
 
@@ -114,32 +114,73 @@ impl Bucket {
         Ok(())
     }
 
-    /// Uploads a file of `len` bytes from its start: one request, or parts.
+    /// Uploads a file of `len` bytes from its start.
     pub fn put_file(&self, key: &Path, mut file: std::fs::File, len: u64) -> Result<()> {
-        let read_part = |file: &mut std::fs::File| -> Result<Vec<u8>> {
-            let mut buf = Vec::with_capacity(PART);
-            file.by_ref().take(PART as u64).read_to_end(&mut buf).map_err(|e| anyhow!("reading spooled {key}: {e}"))?;
-            Ok(buf)
-        };
-        if len <= PART as u64 {
-            return self.put(key, read_part(&mut file)?);
-        }
-        let what = format!("writing {key}");
-        let mut upload = self.rt.block_on(self.store.put_multipart(key)).map_err(|e| self.fail(&what, e))?;
-        let mut sent = 0u64;
-        while sent < len {
-            let part = read_part(&mut file)?;
-            if part.is_empty() {
+        let mut upload = StreamingUpload::new(key.clone());
+        let mut left = len;
+        while left > 0 {
+            let mut piece = Vec::with_capacity(PART);
+            let n = file.by_ref().take(left.min(PART as u64)).read_to_end(&mut piece);
+            let n = n.map_err(|e| anyhow!("reading spooled {key}: {e}"))?;
+            if n == 0 {
                 break;
             }
-            sent += part.len() as u64;
-            if let Err(e) = self.rt.block_on(upload.put_part(PutPayload::from(part))) {
-                let _ = self.rt.block_on(upload.abort());
-                return Err(self.fail(&what, e));
-            }
+            left -= n as u64;
+            self.stream_write(&mut upload, &piece)?;
         }
-        self.rt.block_on(upload.complete()).map_err(|e| self.fail(&what, e))?;
+        self.stream_finish(upload)
+    }
+
+    /// Appends to an object being written: held in memory up to [`PART`]
+    /// bytes, then sent as parts of a multipart upload as it grows.
+    pub fn stream_write(&self, up: &mut StreamingUpload, data: &[u8]) -> Result<()> {
+        up.buf.extend_from_slice(data);
+        while up.buf.len() >= PART {
+            let rest = up.buf.split_off(PART);
+            let part = std::mem::replace(&mut up.buf, rest);
+            self.put_part(up, part)?;
+        }
         Ok(())
+    }
+
+    fn put_part(&self, up: &mut StreamingUpload, part: Vec<u8>) -> Result<()> {
+        let what = format!("writing {}", up.key);
+        if up.upload.is_none() {
+            up.upload = Some(self.rt.block_on(self.store.put_multipart(&up.key)).map_err(|e| self.fail(&what, e))?);
+        }
+        let Some(upload) = up.upload.as_mut() else { bail!("{what}: no upload") };
+        if let Err(e) = self.rt.block_on(upload.put_part(PutPayload::from(part))) {
+            self.stream_abort(up);
+            return Err(self.fail(&what, e));
+        }
+        Ok(())
+    }
+
+    /// Completes the object: one request if it stayed small.
+    pub fn stream_finish(&self, mut up: StreamingUpload) -> Result<()> {
+        if up.upload.is_none() {
+            return self.put(&up.key, std::mem::take(&mut up.buf));
+        }
+        if !up.buf.is_empty() {
+            let last = std::mem::take(&mut up.buf);
+            self.put_part(&mut up, last)?;
+        }
+        let what = format!("writing {}", up.key);
+        let Some(upload) = up.upload.as_mut() else { bail!("{what}: no upload") };
+        if let Err(e) = self.rt.block_on(upload.complete()) {
+            self.stream_abort(&mut up);
+            return Err(self.fail(&what, e));
+        }
+        Ok(())
+    }
+
+    /// Abandons an object being written (best effort: the parts of a
+    /// multipart upload are freed on the server).
+    pub fn stream_abort(&self, up: &mut StreamingUpload) {
+        if let Some(mut upload) = up.upload.take() {
+            let _ = self.rt.block_on(upload.abort());
+        }
+        up.buf = Vec::new();
     }
 
     /// Starts uploading `data` to `key` in the background; waits first if
@@ -358,6 +399,19 @@ impl Bucket {
     }
 }
 
+/// An object written piece by piece (see [`Bucket::stream_write`]).
+pub struct StreamingUpload {
+    key: Path,
+    buf: Vec<u8>,
+    upload: Option<Box<dyn object_store::MultipartUpload>>,
+}
+
+impl StreamingUpload {
+    pub fn new(key: Path) -> StreamingUpload {
+        StreamingUpload { key, buf: Vec::new(), upload: None }
+    }
+}
+
 /// The sub-folders and objects directly under a prefix, by last segment.
 pub struct Listing {
     pub dirs: Vec<String>,
@@ -382,7 +436,7 @@ async fn get_bounded(store: &AmazonS3, key: &Path, max: u64) -> Result<Option<Ve
     if bytes.len() as u64 > max {
         return Err(Fetch::TooLarge(bytes.len() as u64));
     }
-    Ok(Some(bytes.to_vec()))
+    Ok(Some(Vec::from(bytes)))
 }
 
 /// One line for an object store error: the S3 error code when the server

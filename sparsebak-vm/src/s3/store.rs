@@ -21,11 +21,20 @@
 //! - **Deleting a volume** removes its commit objects first, so a kill
 //!   leaves only uncommitted leftovers.
 //!
-//! Metadata files are spooled to unnamed temporary files and uploaded at
-//! commit, and chunk uploads in flight are bounded in bytes, so memory does
-//! not grow with the volume.
+//! Metadata files are uploaded as they arrive (multipart once they pass
+//! 8 MiB), chunk uploads in flight are bounded in number and bytes, and
+//! chunk reads come in batches of 16, so memory does not grow with the
+//! volume. Only a prune's surviving addresses are spooled to an unnamed
+//! temporary file in `$TMPDIR` (17 bytes per surviving chunk).
+//!
+//! Not covered: a receiver left running by a killed dom0 (qrexec does not
+//! stop it) that is still uploading when the next run starts could commit
+//! or journal after that run cleaned up; the disk store has the same race
+//! with a far shorter window. A killed receiver can leave incomplete
+//! multipart uploads of metadata; a bucket lifecycle rule
+//! (AbortIncompleteMultipartUpload) frees them (see docs/INSTALL.md).
 
-use super::client::Bucket;
+use super::client::{Bucket, StreamingUpload};
 use super::profile;
 use crate::archive::{check_marker, marker_text, MAX_CHUNK_FILE};
 use crate::prune::{finishable, Journal, State, ADDRS, NEW_SUFFIX};
@@ -45,8 +54,8 @@ use testhook::receiver_step as step;
 const COMMITTED_SUFFIX: &str = ".committed";
 /// Largest journal or marker object read.
 const MAX_SMALL_OBJECT: u64 = 4096;
-/// Server-side copies (and deletes) issued together during prune.
-const COPY_BATCH: usize = 64;
+/// Server-side copies issued together during prune (a step each).
+const COPY_BATCH: usize = 16;
 
 pub struct S3Store {
     bucket: Bucket,
@@ -60,8 +69,8 @@ pub struct S3Store {
 struct SessionUpload {
     /// `PREFIX/POOL/VOLUME/S_...`
     dir: String,
-    info: Option<File>,
-    manifest: Option<File>,
+    info: Option<StreamingUpload>,
+    manifest: Option<StreamingUpload>,
 }
 
 /// A prune in phase 1.
@@ -72,7 +81,12 @@ struct PruneUpload {
     journal: Journal,
     addrs: BufWriter<File>,
     last: Option<u64>,
-    manifest: Option<File>,
+    manifest: Option<StreamingUpload>,
+}
+
+/// N's new manifest during a prune, installed by `finish`.
+fn new_manifest_key(into_dir: &str) -> Result<Path> {
+    key(&format!("{into_dir}/{}{NEW_SUFFIX}", layout::MANIFEST_FILE))
 }
 
 fn key(s: &str) -> Result<Path> {
@@ -80,16 +94,7 @@ fn key(s: &str) -> Result<Path> {
 }
 
 fn spool() -> Result<File> {
-    tempfile::tempfile().context("creating a temporary file to spool metadata")
-}
-
-/// Appends to a spool file, making it on first use.
-fn spool_write(slot: &mut Option<File>, data: &[u8]) -> Result<()> {
-    if slot.is_none() {
-        *slot = Some(spool()?);
-    }
-    let f = slot.as_mut().context("spool not open")?;
-    f.write_all(data).context("spooling metadata")
+    tempfile::tempfile().context("creating a temporary file for prune addresses")
 }
 
 /// A spooled file rewound, with its length.
@@ -119,6 +124,8 @@ impl S3Store {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let probe = key(&format!("{}/.sparsebak-probe-{}-{nanos}", self.root, std::process::id()))?;
         let first = self.bucket.put_create(&probe, b"probe\n".to_vec())?;
+        // (A kill right here leaves the probe object: harmless, ignored by
+        // every listing, as it is no session.)
         let second = self.bucket.put_create(&probe, b"probe again\n".to_vec())?;
         let removed = self.bucket.delete(&probe);
         match (first, second) {
@@ -213,19 +220,26 @@ impl S3Store {
 
     /// Removes the prune's own objects once it is settled.
     fn remove_prune_objects(&self, vol: &str, into_dir: &str) -> Result<()> {
-        self.bucket.delete(&key(&format!("{into_dir}/{}{NEW_SUFFIX}", layout::MANIFEST_FILE))?)?;
+        self.bucket.delete(&new_manifest_key(into_dir)?)?;
         self.bucket.delete(&key(&format!("{vol}/{ADDRS}"))?)?;
         self.bucket.delete(&key(&format!("{vol}/{PRUNE_JOURNAL}"))?)
     }
 
-    /// Calls `f` with every address in the uploaded `prune.addrs`, read as
-    /// a stream (it has a line per surviving chunk).
+    /// Calls `f` with every address in the uploaded `prune.addrs` (a line
+    /// per surviving chunk). It is downloaded to a temporary file first, so
+    /// that no request stays open while `f` works.
     fn for_each_recorded_addr(&self, vol: &str, mut f: impl FnMut(u64) -> Result<()>) -> Result<()> {
         let name = format!("{vol}/{ADDRS}");
+        let mut copy = BufWriter::new(spool()?);
         self.bucket.for_each_line(&key(&name)?, 16, |line| {
-            let hex = std::str::from_utf8(line).map_err(|_| anyhow!("{name}: not text"))?;
-            f(u64::from_str_radix(hex, 16).with_context(|| format!("{name}: bad address {hex:?}"))?)
-        })
+            copy.write_all(line).and_then(|_| copy.write_all(b"\n")).context("spooling prune addresses")
+        })?;
+        let (copy, _) = rewound(copy.into_inner().map_err(|e| anyhow!("spooling prune addresses: {}", e.error()))?)?;
+        for line in BufReader::new(copy).lines() {
+            let hex = line.context("reading spooled prune addresses")?;
+            f(u64::from_str_radix(&hex, 16).with_context(|| format!("{name}: bad address {hex:?}"))?)?;
+        }
+        Ok(())
     }
 }
 
@@ -255,18 +269,22 @@ impl Store for S3Store {
     }
 
     fn put_meta(&mut self, file: MetaFile, data: Vec<u8>) -> Result<()> {
-        if let Some(p) = &mut self.prune {
+        let (slot, key) = if let Some(p) = &mut self.prune {
             if file != MetaFile::Manifest {
                 bail!("protocol error: during a prune only the manifest is sent as metadata");
             }
-            return spool_write(&mut p.manifest, &data);
-        }
-        let w = self.writer.as_mut().context("protocol error: no open session")?;
-        let slot = match file {
-            MetaFile::Info => &mut w.info,
-            MetaFile::Manifest => &mut w.manifest,
+            (&mut p.manifest, new_manifest_key(&p.into_dir)?)
+        } else {
+            let w = self.writer.as_mut().context("protocol error: no open session")?;
+            let key = Self::meta_key(&w.dir, file)?;
+            let slot = match file {
+                MetaFile::Info => &mut w.info,
+                MetaFile::Manifest => &mut w.manifest,
+            };
+            (slot, key)
         };
-        spool_write(slot, &data)
+        let upload = slot.get_or_insert_with(|| StreamingUpload::new(key));
+        self.bucket.stream_write(upload, &data)
     }
 
     fn commit(&mut self) -> Result<()> {
@@ -277,12 +295,17 @@ impl Store for S3Store {
         };
         self.bucket.wait_uploads()?;
         step("s3 chunks uploaded");
-        for (file, spooled) in [(MetaFile::Info, info), (MetaFile::Manifest, manifest)] {
-            let (f, len) = rewound(spooled)?;
-            self.bucket.put_file(&Self::meta_key(&w.dir, file)?, f, len)?;
-        }
+        self.bucket.stream_finish(info)?;
+        self.bucket.stream_finish(manifest)?;
         step("s3 metadata uploaded");
-        if !self.bucket.put_create(&Self::commit_key(&w.dir)?, b"committed\n".to_vec())? {
+        // A nonce tells our own commit object from another's if a retried
+        // create-only put finds the first attempt already stored.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let mark = format!("committed {} {nanos}\n", std::process::id()).into_bytes();
+        let commit = Self::commit_key(&w.dir)?;
+        if !self.bucket.put_create(&commit, mark.clone())?
+            && self.bucket.get(&commit, MAX_SMALL_OBJECT)?.as_deref() != Some(mark.as_slice())
+        {
             bail!("{} was committed by someone else meanwhile", w.dir);
         }
         step("s3 session committed");
@@ -335,6 +358,9 @@ impl Store for S3Store {
             );
         }
         self.remove_leftovers(&vol)?;
+        // A stale address list (of a prune whose journal a kill removed)
+        // must never be taken for this prune's.
+        self.bucket.delete(&key(&format!("{vol}/{ADDRS}"))?)?;
         let journal = Journal { pruned: pruned.to_string(), into: into.to_string(), state: State::Collecting };
         self.write_journal(&vol, &journal)?;
         step("prune journal written");
@@ -376,9 +402,7 @@ impl Store for S3Store {
         // The clone shares the file position: rewind again after the upload.
         self.bucket.put_file(&key(&format!("{}/{ADDRS}", p.vol))?, addrs.try_clone().context("spool")?, addrs_len)?;
         addrs.rewind().context("spooled prune addresses")?;
-        let (manifest, len) = rewound(manifest)?;
-        let new_manifest = key(&format!("{}/{}{NEW_SUFFIX}", p.into_dir, layout::MANIFEST_FILE))?;
-        self.bucket.put_file(&new_manifest, manifest, len)?;
+        self.bucket.stream_finish(manifest)?;
 
         let mut wanted = BufReader::new(addrs).lines().map(|l| {
             let l = l.context("reading spooled prune addresses")?;
@@ -434,7 +458,7 @@ impl Store for S3Store {
         if !finishable(self.read_journal(&vol)?, volume, pruned, into)? {
             return self.remove_leftovers(&vol); // finished before; dom0 did not hear it
         }
-        let new_manifest = key(&format!("{into_dir}/{}{NEW_SUFFIX}", layout::MANIFEST_FILE))?;
+        let new_manifest = new_manifest_key(&into_dir)?;
         if self.bucket.exists(&new_manifest)? {
             self.bucket.copy_many(vec![(new_manifest, Self::meta_key(&into_dir, MetaFile::Manifest)?)])?;
         }
@@ -468,11 +492,15 @@ impl Store for S3Store {
         self.remove_leftovers(&vol)
     }
 
+    /// Commit objects first, then a prune's journal, then the rest: a kill
+    /// leaves only what listing ignores and the next run removes.
     fn delete_volume(&mut self, volume: &VolumeRef) -> Result<()> {
         let vol = self.vol(volume)?;
         let (committed, _) = self.scan(&vol)?;
         let markers: Result<Vec<Path>> = committed.iter().map(|s| Self::commit_key(&format!("{vol}/{s}"))).collect();
         self.bucket.delete_many(markers?)?;
+        self.bucket.delete(&key(&format!("{vol}/{PRUNE_JOURNAL}"))?)?;
+        self.bucket.delete(&key(&format!("{vol}/{ADDRS}"))?)?;
         self.bucket.delete_under(&key(&vol)?)
     }
 
@@ -501,7 +529,14 @@ impl Store for S3Store {
 
 impl Drop for S3Store {
     fn drop(&mut self) {
-        // An uncommitted session's uploads are left to the next send.
+        // An uncommitted session's objects are left to the next send; its
+        // unfinished multipart uploads are abandoned here.
         self.bucket.cancel_uploads();
+        let w = self.writer.take();
+        let p = self.prune.take();
+        let open = w.into_iter().flat_map(|w| [w.info, w.manifest]).chain(p.map(|p| p.manifest));
+        for mut upload in open.flatten() {
+            self.bucket.stream_abort(&mut upload);
+        }
     }
 }

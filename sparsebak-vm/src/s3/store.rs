@@ -84,6 +84,12 @@ struct PruneUpload {
     manifest: Option<StreamingUpload>,
 }
 
+/// Different for every call in any receiver: process id and clock.
+fn nonce() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos}", std::process::id())
+}
+
 /// N's new manifest during a prune, installed by `finish`.
 fn new_manifest_key(into_dir: &str) -> Result<Path> {
     key(&format!("{into_dir}/{}{NEW_SUFFIX}", layout::MANIFEST_FILE))
@@ -121,8 +127,7 @@ impl S3Store {
     }
 
     fn probe_create_only(&self) -> Result<()> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let probe = key(&format!("{}/.sparsebak-probe-{}-{nanos}", self.root, std::process::id()))?;
+        let probe = key(&format!("{}/.sparsebak-probe-{}", self.root, nonce()))?;
         let first = self.bucket.put_create(&probe, b"probe\n".to_vec())?;
         // (A kill right here leaves the probe object: harmless, ignored by
         // every listing, as it is no session.)
@@ -300,8 +305,7 @@ impl Store for S3Store {
         step("s3 metadata uploaded");
         // A nonce tells our own commit object from another's if a retried
         // create-only put finds the first attempt already stored.
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let mark = format!("committed {} {nanos}\n", std::process::id()).into_bytes();
+        let mark = format!("committed {}\n", nonce()).into_bytes();
         let commit = Self::commit_key(&w.dir)?;
         if !self.bucket.put_create(&commit, mark.clone())?
             && self.bucket.get(&commit, MAX_SMALL_OBJECT)?.as_deref() != Some(mark.as_slice())

@@ -62,11 +62,7 @@ pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Resul
                 Err(e) => return fail(&mut output, e),
             };
             for answer in answers {
-                let resp = match answer {
-                    Ok(data) => Response::Chunk(data),
-                    Err(e) => Response::ChunkError(format!("{e:#}")),
-                };
-                if write_msg(&mut output, &resp).is_err() {
+                if write_msg(&mut output, &chunk_answer(answer)).is_err() {
                     return Ok(());
                 }
             }
@@ -82,6 +78,14 @@ pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Resul
         if let Err(e) = server.answer(req, &mut output) {
             return e;
         }
+    }
+}
+
+/// A chunk read's answer: a store error is the chunk's, not fatal.
+fn chunk_answer(read: Result<Vec<u8>>) -> Response {
+    match read {
+        Ok(data) => Response::Chunk(data),
+        Err(e) => Response::ChunkError(format!("{e:#}")),
     }
 }
 
@@ -167,14 +171,8 @@ impl Server {
                 self.store()?.commit()?;
                 Some(Response::Done)
             }
-            Request::ReadChunk { volume, session, addr } => {
-                let mut answers = self.store()?.read_chunks(&[ChunkRef { volume, session, addr }]);
-                Some(match answers.pop() {
-                    Some(Ok(data)) => Response::Chunk(data),
-                    Some(Err(e)) => Response::ChunkError(format!("{e:#}")),
-                    None => bail!("internal error: no answer to a chunk read"),
-                })
-            }
+            // The conversation loop answers chunk reads in batches.
+            Request::ReadChunk { .. } => bail!("internal error: a chunk read outside a batch"),
             Request::PruneBegin { volume, pruned, into } => {
                 self.idle()?.prune_begin(&volume, &pruned, &into)?;
                 Some(Response::Done)

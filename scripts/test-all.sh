@@ -39,6 +39,26 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# Everything the tests make (images, loop filesystems, archives, the Ceph
+# cluster, the LVM VM's disks) goes to a tmpfs of its own: a CI machine's
+# disk may have little free space, and RAM (24 GiB) does not run out at the
+# tests' few GiB. Debug info is line tables only and builds are not
+# incremental (Cargo.toml, below), which keeps target/ small as well.
+echo "== disk and memory before the tests"
+df -h "$root" /tmp | sed 's/^/   /'
+free -m | sed 's/^/   /'
+scratch=$(mktemp -d /tmp/sparsebak-tests.XXXXXX)
+mount -t tmpfs -o size=16g,mode=1777 tmpfs "$scratch"
+cleanup() {
+  # Tests unmount what they mount; a lazy recursive unmount also takes
+  # whatever a failed test left behind.
+  umount -R -l "$scratch" 2>/dev/null || true
+  rmdir "$scratch" 2>/dev/null || true
+}
+trap cleanup EXIT
+export TMPDIR=$scratch
+export CARGO_INCREMENTAL=0
+
 echo "== cargo fmt --check, clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -34,7 +34,7 @@ fn cluster_script(args: &[&str]) -> std::process::Output {
 
 fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("sparsebak-ceph.").tempdir_in("/var/tmp").expect("tempdir").keep();
+        let dir = tempfile::Builder::new().prefix("sparsebak-ceph.").tempdir().expect("tempdir").keep();
         let d = dir.display().to_string();
         let out = cluster_script(&["start", &d]);
         // Stop the cluster when this test binary exits, however it exits.

@@ -377,7 +377,10 @@ impl LoopFs {
     /// Makes `fs` of `mib` MiB (XFS needs at least 300) and mounts it at
     /// `mnt`, which must exist.
     pub fn new(fs: ReflinkFs, mib: u64, mnt: &Path) -> LoopFs {
-        let backing = tempfile::NamedTempFile::new_in("/var/tmp").expect("backing file");
+        // In the temporary folder, as everything else a test makes: CI
+        // points TMPDIR at a tmpfs (scripts/test-all.sh), so that the tests
+        // do not depend on the machine's free disk space.
+        let backing = tempfile::NamedTempFile::new().expect("backing file");
         backing.as_file().set_len(mib * MIB).expect("size backing file");
         let out = Command::new("losetup").args(["--find", "--show"]).arg(backing.path()).output().expect("losetup");
         assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));

@@ -48,14 +48,31 @@ fn config() -> impl bincode::config::Config {
 
 /// Encodes `msg` as one frame (length prefix included).
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
-    let mut out = vec![0u8; LEN_BYTES];
-    bincode::serde::encode_into_std_write(msg, &mut out, config()).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let len = out.len() - LEN_BYTES;
+    let mut out = Vec::new();
+    encode_frame_into(msg, &mut out)?;
+    Ok(out)
+}
+
+/// Encodes `msg` as one frame into `out`, replacing what it held.
+fn encode_frame_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let malformed = |e: bincode::error::EncodeError| FrameError::Malformed(e.to_string());
+    // Measured first (cheap: a chunk's bytes are counted, not copied), so
+    // that a chunk is copied once into a buffer of the right size instead of
+    // through a dozen reallocations of a growing one.
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(msg, &mut size, config()).map_err(malformed)?;
+    let len = size.bytes_written;
     if len > MAX_FRAME {
         return Err(FrameError::Oversize(len));
     }
-    out[..LEN_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(out)
+    out.clear();
+    out.reserve(LEN_BYTES + len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    bincode::serde::encode_into_std_write(msg, &mut *out, config()).map_err(malformed)?;
+    if out.len() != LEN_BYTES + len {
+        return Err(FrameError::Malformed(format!("encoded {} bytes, measured {len}", out.len() - LEN_BYTES)));
+    }
+    Ok(())
 }
 
 /// Decodes one frame's payload; trailing bytes are an error.
@@ -70,8 +87,25 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameErr
 
 /// Writes one message as a frame. Does not flush.
 pub fn write_msg<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
-    let frame = encode_frame(msg)?;
-    w.write_all(&frame).map_err(FrameError::Io)
+    // One frame buffer per thread, reused: a fresh one per chunk costs page
+    // faults (glibc returns buffers this large to the kernel when freed).
+    thread_local! {
+        static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    /// Frame buffers kept for the next frame up to this capacity (a chunk's
+    /// frame fits); a larger one, rare, is freed after use.
+    const KEEP: usize = 1 << 20;
+    FRAME.with(|cell| {
+        let Ok(mut frame) = cell.try_borrow_mut() else {
+            // Re-entered (cannot happen today): a buffer of its own.
+            return w.write_all(&encode_frame(msg)?).map_err(FrameError::Io);
+        };
+        let result = encode_frame_into(msg, &mut frame).and_then(|()| w.write_all(&frame).map_err(FrameError::Io));
+        if frame.capacity() > KEEP {
+            *frame = Vec::new();
+        }
+        result
+    })
 }
 
 /// Reads one message. Returns `Ok(None)` on a clean end of stream at a frame

@@ -3,7 +3,7 @@
 //! archives sealing (compression first: ciphertext does not compress). Both
 //! run on worker threads of the pipeline.
 
-use crate::crypto::{Aad, Keys, OpenError};
+use crate::crypto::{Aad, Keys, OpenError, SealBuf};
 use crate::meta::{ChunkState, Hash};
 use anyhow::{bail, Result};
 use sha2::{Digest, Sha256};
@@ -49,17 +49,30 @@ impl ChunkCodec<'_> {
         }
     }
 
-    fn seal(&self, origin: &str, addr: u64, compressed: Vec<u8>) -> Result<Vec<u8>> {
+    /// Compresses `data` and, in an encrypted archive, seals it: the bytes
+    /// to store. Both happen in one buffer, with no copy between them.
+    fn compress_and_seal(&self, origin: &str, addr: u64, data: &[u8]) -> Result<Vec<u8>> {
+        let bound = zstd::zstd_safe::compress_bound(data.len());
         match self.keys {
-            Some(k) => k.seal(&Aad::Chunk { volume: self.volume, origin, addr }, &compressed),
-            None => Ok(compressed),
+            Some(k) => {
+                let mut buf = SealBuf::with_capacity(bound);
+                compress_into(data, buf.plain_mut(), SealBuf::PLAIN_AT)?;
+                k.seal_buf(&Aad::Chunk { volume: self.volume, origin, addr }, buf)
+            }
+            None => {
+                let mut out = Vec::with_capacity(bound);
+                compress_into(data, &mut out, 0)?;
+                Ok(out)
+            }
         }
     }
 
-    fn open<'d>(&self, origin: &str, addr: u64, data: &'d [u8]) -> Result<std::borrow::Cow<'d, [u8]>, OpenError> {
+    /// Authenticates and opens stored bytes where they are: the compressed
+    /// plaintext's range in `data`.
+    fn open_in_place(&self, origin: &str, addr: u64, data: &mut [u8]) -> Result<std::ops::Range<usize>, OpenError> {
         match self.keys {
-            Some(k) => k.open(&Aad::Chunk { volume: self.volume, origin, addr }, data).map(Into::into),
-            None => Ok(data.into()),
+            Some(k) => k.open_in_place(&Aad::Chunk { volume: self.volume, origin, addr }, data),
+            None => Ok(0..data.len()),
         }
     }
 }
@@ -89,36 +102,56 @@ pub enum Packed {
 }
 
 // One zstd context of each kind per worker thread, made on first use:
-// creating one per chunk costs more than decompressing a small chunk.
+// creating one per chunk costs more than decompressing a small chunk. And
+// one buffer per worker thread that chunks are decompressed into: the
+// plaintext is written out or checked and then not needed any more.
 thread_local! {
     static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    static PLAIN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Decompresses `data`, refusing output longer than `len` bytes.
-fn decompress(data: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
-    DECOMPRESSOR.with(|cell| {
+/// Decompresses `data` into this thread's plaintext buffer and hands
+/// exactly `len` bytes of it to `use_plain`, refusing output of any other
+/// length (decompression stops at `len` bytes: a hostile archive cannot
+/// make it allocate more).
+fn decompress_with<R>(data: &[u8], len: usize, use_plain: impl FnOnce(&[u8]) -> R) -> Result<R, ChunkFault> {
+    let got = DECOMPRESSOR.with(|cell| -> std::io::Result<usize> {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             *slot = Some(zstd::bulk::Decompressor::new()?);
         }
-        match slot.as_mut() {
-            Some(d) => d.decompress(data, len),
-            None => Err(std::io::Error::other("zstd decompressor unavailable")),
-        }
-    })
+        let d = slot.as_mut().ok_or_else(|| std::io::Error::other("zstd decompressor unavailable"))?;
+        PLAIN.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            d.decompress_to_buffer(data, &mut buf[..len])
+        })
+    });
+    let got = got.map_err(|e| ChunkFault::Undecompressable(e.to_string()))?;
+    if got != len {
+        return Err(ChunkFault::WrongLength { got, want: len });
+    }
+    Ok(PLAIN.with(|buf| use_plain(&buf.borrow()[..len])))
 }
 
-fn compress(data: &[u8]) -> Result<Vec<u8>> {
+/// Compresses `data` into `out` from offset `at` on (`out` is cut or
+/// zero-filled to `at` first); `out` grows to zstd's worst case if needed.
+fn compress_into(data: &[u8], out: &mut Vec<u8>, at: usize) -> Result<()> {
+    out.resize(at, 0);
+    out.reserve(zstd::zstd_safe::compress_bound(data.len()));
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             *slot = Some(zstd::bulk::Compressor::new(ZSTD_LEVEL)?);
         }
-        match slot.as_mut() {
-            Some(c) => Ok(c.compress(data)?),
-            None => bail!("zstd compressor unavailable"),
-        }
+        let Some(c) = slot.as_mut() else { bail!("zstd compressor unavailable") };
+        let mut cursor = std::io::Cursor::new(out);
+        cursor.set_position(at as u64);
+        c.compress_to_buffer(data, &mut cursor)?;
+        Ok(())
     })
 }
 
@@ -157,7 +190,7 @@ pub fn pack(job: ChunkJob, codec: &ChunkCodec, session: &str) -> Result<(u64, Pa
         Decision::Unchanged => Packed::Unchanged,
         Decision::Zero => Packed::Zero,
         Decision::Changed { plain, data } => {
-            let data = codec.seal(session, addr, compress(&data)?)?;
+            let data = codec.compress_and_seal(session, addr, &data)?;
             Packed::Stored { plain, stored: codec.stored_hash(&data), data }
         }
     };
@@ -196,37 +229,39 @@ impl std::fmt::Display for ChunkFault {
 }
 
 /// Authenticates the stored bytes *before* decompressing them, then checks
-/// the plaintext. `len` is the chunk's length within the volume; `origin`
-/// the session it was first stored in.
+/// the plaintext and hands it to `use_plain` (it lives in a buffer of the
+/// worker thread's, reused for the next chunk). `len` is the chunk's length
+/// within the volume; `origin` the session it was first stored in. The
+/// stored bytes are decrypted where they are.
 ///
 /// In an unencrypted archive the stored bytes are checked against the
 /// SHA-256 that dom0 recorded. In an encrypted one the AEAD tag does that
 /// job, under dom0's key and bound to volume, origin session and address,
-/// so the SHA-256 of the stored bytes (still recorded in the manifest) is
-/// not computed again: it would only cost a third of the hashing.
-pub fn unpack(
-    data: &[u8],
+/// so the hash of the stored bytes (still recorded in the manifest) is not
+/// computed again: it would only cost a third of the hashing.
+#[allow(clippy::too_many_arguments)]
+pub fn unpack<R>(
+    mut data: Vec<u8>,
     state: &ChunkState,
     len: usize,
     codec: &ChunkCodec,
     origin: &str,
     addr: u64,
-) -> Result<Vec<u8>, ChunkFault> {
+    use_plain: impl FnOnce(&[u8]) -> R,
+) -> Result<R, ChunkFault> {
     let ChunkState::Stored { plain, stored, .. } = state else {
-        return Ok(vec![0; len]);
+        return Ok(use_plain(&vec![0; len]));
     };
-    if codec.keys.is_none() && sha256(data) != *stored {
+    if codec.keys.is_none() && sha256(&data) != *stored {
         return Err(ChunkFault::StoredHashMismatch);
     }
-    let data = codec.open(origin, addr, data).map_err(ChunkFault::Unsealable)?;
-    let out = decompress(&data, len).map_err(|e| ChunkFault::Undecompressable(e.to_string()))?;
-    if out.len() != len {
-        return Err(ChunkFault::WrongLength { got: out.len(), want: len });
-    }
-    if codec.plain_hash(&out) != *plain {
-        return Err(ChunkFault::PlainHashMismatch);
-    }
-    Ok(out)
+    let range = codec.open_in_place(origin, addr, &mut data).map_err(ChunkFault::Unsealable)?;
+    decompress_with(&data[range], len, |out| {
+        if codec.plain_hash(out) != *plain {
+            return Err(ChunkFault::PlainHashMismatch);
+        }
+        Ok(use_plain(out))
+    })?
 }
 
 #[cfg(test)]
@@ -242,6 +277,18 @@ mod tests {
 
     fn job(data: Option<Vec<u8>>, previous: Option<ChunkState>) -> ChunkJob {
         ChunkJob { addr: 0x40000, data, previous, force_store: false }
+    }
+
+    /// [`unpack`] with the plaintext copied out.
+    fn unpack_vec(
+        data: &[u8],
+        state: &ChunkState,
+        len: usize,
+        codec: &ChunkCodec,
+        origin: &str,
+        addr: u64,
+    ) -> Result<Vec<u8>, ChunkFault> {
+        unpack(data.to_vec(), state, len, codec, origin, addr, <[u8]>::to_vec)
     }
 
     fn stored_state(p: Packed) -> (ChunkState, Vec<u8>) {
@@ -276,7 +323,7 @@ mod tests {
         assert!(matches!(outcome(Some(vec![0; 10]), Some(state), false), Packed::Zero));
         assert!(matches!(outcome(None, Some(ChunkState::Zero), false), Packed::Unchanged));
         assert!(matches!(outcome(Some(vec![0; 10]), None, true), Packed::Unchanged));
-        assert_eq!(unpack(&packed, &state, data.len(), codec, S1, 0x40000).expect("unpacks"), data);
+        assert_eq!(unpack_vec(&packed, &state, data.len(), codec, S1, 0x40000).expect("unpacks"), data);
     }
 
     #[test]
@@ -293,7 +340,7 @@ mod tests {
         let codec = ChunkCodec { keys: None, volume: &v };
         let data = b"0123456789".repeat(500);
         let (state, packed) = stored_state(pack(job(Some(data.clone()), None), &codec, S1).expect("packs").1);
-        let unpack = |bytes: &[u8], state: &ChunkState, len| unpack(bytes, state, len, &codec, S1, 0x40000);
+        let unpack = |bytes: &[u8], state: &ChunkState, len| unpack_vec(bytes, state, len, &codec, S1, 0x40000);
         let mut bad = packed.clone();
         bad[3] ^= 1;
         assert!(matches!(unpack(&bad, &state, data.len()), Err(ChunkFault::StoredHashMismatch)));
@@ -304,6 +351,14 @@ mod tests {
         assert!(matches!(unpack(&packed, &lying, data.len()), Err(ChunkFault::PlainHashMismatch)));
         // Decompression is bounded by the expected length.
         assert!(unpack(&packed, &state, 10).is_err());
+        // The thread's plaintext buffer, grown by a bigger chunk before,
+        // bounds nothing: the length asked for does.
+        let big = b"abcdefghij".repeat(2000);
+        let (big_state, big_packed) = stored_state(pack(job(Some(big.clone()), None), &codec, S1).expect("packs").1);
+        assert_eq!(unpack(&big_packed, &big_state, big.len()).expect("unpacks"), big);
+        assert!(matches!(unpack(&packed, &state, data.len() - 1), Err(ChunkFault::Undecompressable(_))));
+        assert!(matches!(unpack(&packed, &state, data.len() + 1), Err(ChunkFault::WrongLength { .. })));
+        assert_eq!(unpack(&packed, &state, data.len()).expect("unpacks"), data);
     }
 
     #[test]
@@ -316,19 +371,19 @@ mod tests {
         assert!(!packed.windows(6).any(|w| w == b"MARKER"));
         let ChunkState::Stored { plain, .. } = state else { panic!("stored") };
         assert_ne!(plain, sha256(&data), "the manifest hash must be keyed");
-        assert!(unpack(&packed, &state, data.len(), &codec, S1, 0x40000).is_ok());
+        assert!(unpack_vec(&packed, &state, data.len(), &codec, S1, 0x40000).is_ok());
         // Same bytes claimed for another session or address: refused.
-        let forged = |origin, addr| unpack(&packed, &state, data.len(), &codec, origin, addr);
+        let forged = |origin, addr| unpack_vec(&packed, &state, data.len(), &codec, origin, addr);
         assert!(matches!(forged(S2, 0x40000), Err(ChunkFault::Unsealable(OpenError::Forged))));
         assert!(matches!(forged(S1, 0x60000), Err(ChunkFault::Unsealable(OpenError::Forged))));
         let other = VolumeRef { pool: "vg%pool".into(), name: "other".into() };
         let codec_other = ChunkCodec { keys: Some(&keys), volume: &other };
-        assert!(unpack(&packed, &state, data.len(), &codec_other, S1, 0x40000).is_err());
+        assert!(unpack_vec(&packed, &state, data.len(), &codec_other, S1, 0x40000).is_err());
         // Altered or cut bytes fail authentication, before decompression.
         let mut bad = packed.clone();
         bad[30] ^= 1;
-        assert!(matches!(unpack(&bad, &state, data.len(), &codec, S1, 0x40000), Err(ChunkFault::Unsealable(_))));
+        assert!(matches!(unpack_vec(&bad, &state, data.len(), &codec, S1, 0x40000), Err(ChunkFault::Unsealable(_))));
         let cut = &packed[..packed.len() - 1];
-        assert!(matches!(unpack(cut, &state, data.len(), &codec, S1, 0x40000), Err(ChunkFault::Unsealable(_))));
+        assert!(matches!(unpack_vec(cut, &state, data.len(), &codec, S1, 0x40000), Err(ChunkFault::Unsealable(_))));
     }
 }

@@ -8,4 +8,4 @@
 mod codec;
 pub mod pipeline;
 
-pub use codec::{differs, pack, unpack, ChunkCodec, ChunkFault, ChunkJob, Packed};
+pub use codec::{differs, pack, unpack, ChunkCodec, ChunkJob, Packed};

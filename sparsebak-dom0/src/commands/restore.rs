@@ -11,7 +11,7 @@
 //! never leaves a half-restored file behind.
 
 use super::{Ctx, ReadChain};
-use crate::chunk::{self, pipeline, ChunkCodec, ChunkFault};
+use crate::chunk::{self, pipeline, ChunkCodec};
 use crate::crypto::Keys;
 use crate::interrupt::{self, TempFileGuard};
 use crate::meta::{ChunkState, MergedEntry, MetaDir, SessionId, VolumeMeta};
@@ -276,16 +276,10 @@ struct Checked {
 
 /// A chunk that passed its checks.
 enum Chunk {
-    /// Its data (`None`: all zeros), still to be written if restoring.
-    Checked(Option<Vec<u8>>),
-    /// Stored data, already written to the output by the worker.
-    Written,
-}
-
-impl Checked {
-    fn written(self) -> Checked {
-        Checked { outcome: Ok(Chunk::Written), ..self }
-    }
+    /// All zeros, still to be written if restoring onto a block device.
+    Zero,
+    /// Stored data, already handed to the output (if any) by the worker.
+    Stored,
 }
 
 /// Returns `Some(summary)` when chunks failed their checks.
@@ -320,15 +314,14 @@ fn restore_volume(
     let codec = ChunkCodec { keys, volume: &volume };
     // Workers write the chunks they checked themselves (positioned writes
     // need no order): the writing then runs on every core instead of
-    // holding up delivery.
-    let check_and_write = |f| {
-        let c = check(f, &codec, &sessions)?;
-        match (&sink, &c.outcome) {
-            (Some(s), Ok(Chunk::Checked(Some(data)))) => {
-                s.write(c.entry.entry.addr, Some(data), c.len).map(|()| c.written())
-            }
-            _ => Ok(c),
-        }
+    // holding up delivery, and the plaintext never leaves the worker's
+    // buffer.
+    let check_and_write = |f: Fetched| {
+        let (addr, len) = (f.entry.entry.addr, f.len);
+        check(f, &codec, &sessions, |plain| match &sink {
+            Some(s) => s.write(addr, Some(plain), len),
+            None => Ok(()),
+        })
     };
     let result = pipeline::ordered_map(jobs, pipeline::Lanes::for_chunks(cs), check_and_write, |c: Checked| {
         let addr = c.entry.entry.addr;
@@ -338,17 +331,14 @@ fn restore_volume(
         }
         next_addr = addr + c.len as u64;
         match c.outcome {
-            Ok(Chunk::Written) => {
+            Ok(Chunk::Stored) => {
                 stored += 1;
                 Ok(())
             }
-            Ok(Chunk::Checked(data)) => {
-                stored += u64::from(data.is_some());
-                match &sink {
-                    Some(s) => s.write(addr, data.as_deref(), c.len),
-                    None => Ok(()),
-                }
-            }
+            Ok(Chunk::Zero) => match &sink {
+                Some(s) => s.write(addr, None, c.len),
+                None => Ok(()),
+            },
             Err(why) => {
                 bad += 1;
                 if bad <= REPORT_LIMIT {
@@ -454,19 +444,31 @@ fn fetch(entry: MergedEntry, responses: &mut ResponseSource, size: u64, cs: u64)
     Ok(Fetched { entry, answer, len })
 }
 
-fn check(f: Fetched, codec: &ChunkCodec, sessions: &[SessionId]) -> Result<Checked> {
+/// Checks one fetched chunk and hands its plaintext to `use_plain`; an
+/// error from `use_plain` (writing the output) stops the restore, a chunk
+/// that fails its checks is only counted and reported.
+fn check(
+    f: Fetched,
+    codec: &ChunkCodec,
+    sessions: &[SessionId],
+    use_plain: impl FnOnce(&[u8]) -> Result<()>,
+) -> Result<Checked> {
     let addr = f.entry.entry.addr;
     let outcome = match (f.answer, &f.entry.entry.state) {
-        (None, _) => Ok(Chunk::Checked(None)),
+        (None, _) => Ok(Chunk::Zero),
         (Some(Err(why)), _) => Err(why),
         (Some(Ok(data)), state) => {
             let origin = match state {
                 ChunkState::Stored { origin: Some(o), .. } => o.as_str(),
                 _ => sessions[f.entry.session].as_str(),
             };
-            chunk::unpack(&data, state, f.len, codec, origin, addr)
-                .map(|d| Chunk::Checked(Some(d)))
-                .map_err(|e: ChunkFault| e.to_string())
+            match chunk::unpack(data, state, f.len, codec, origin, addr, use_plain) {
+                Ok(used) => {
+                    used?;
+                    Ok(Chunk::Stored)
+                }
+                Err(fault) => Err(fault.to_string()),
+            }
         }
     };
     Ok(Checked { entry: f.entry, len: f.len, outcome })

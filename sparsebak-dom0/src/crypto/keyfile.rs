@@ -17,10 +17,10 @@
 //! `chunk_hash=` line names (keyed BLAKE3). An archive keeps the version its
 //! key was made with; new keys are version 2.
 
+use crate::crypto::xchacha::XChaCha20Poly1305;
 use crate::crypto::{open_with, seal_with, Aad, ArchiveKey, ChunkHash, DataKey};
 use crate::hex;
 use anyhow::{anyhow, bail, Context, Result};
-use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
 use sparsebak_proto::layout;
 use std::collections::HashMap;
 use std::io::Write;
@@ -198,7 +198,7 @@ fn derive(passphrase: &[u8], salt: &[u8], m_kib: u32, t: u32, p: u32) -> Result<
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut kek = Zeroizing::new([0u8; 32]);
     argon.hash_password_into(passphrase, salt, kek.as_mut_slice()).map_err(|e| anyhow!("argon2: {e}"))?;
-    Ok(XChaCha20Poly1305::new(kek.as_slice().into()))
+    Ok(XChaCha20Poly1305::new(&kek))
 }
 
 fn unhex32(s: &str) -> Result<DataKey> {

@@ -1,6 +1,7 @@
 //! Encryption of an archive (see the README, "Encryption").
 //!
 //! - `primitives.rs`: data key, subkeys, sealing with associated data;
+//! - `xchacha.rs`: the AEAD itself (XChaCha20-Poly1305);
 //! - [`keyfile`]: the key on disk, raw in dom0 and wrapped in the archive;
 //! - [`passphrase`]: reading the passphrase from a file or the terminal.
 //!
@@ -10,6 +11,7 @@
 pub mod keyfile;
 pub mod passphrase;
 mod primitives;
+mod xchacha;
 
 pub(crate) use primitives::{open_with, seal_with};
-pub use primitives::{random, Aad, ArchiveKey, ChunkHash, DataKey, Keys, OpenError, SEAL_OVERHEAD};
+pub use primitives::{random, Aad, ArchiveKey, ChunkHash, DataKey, Keys, OpenError, SealBuf, SEAL_OVERHEAD};

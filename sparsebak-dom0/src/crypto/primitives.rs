@@ -21,18 +21,16 @@
 //!   metadata piece. The receiver therefore cannot move, swap, replay or
 //!   truncate anything without the tag failing.
 
+use crate::crypto::xchacha::{XChaCha20Poly1305, NONCE_LEN, TAG_LEN};
 use crate::meta::Hash;
 use anyhow::{anyhow, Result};
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use sparsebak_proto::{MetaFile, VolumeRef};
 use zeroize::Zeroizing;
 
 /// Bytes a sealed object has beyond its plaintext: nonce and tag.
-pub const SEAL_OVERHEAD: usize = NONCE_LEN + 16;
-const NONCE_LEN: usize = 24;
+pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 
 /// The data key: random, 32 bytes, wiped from memory when dropped.
 pub type DataKey = Zeroizing<[u8; 32]>;
@@ -152,7 +150,7 @@ impl Keys {
             ChunkHash::Blake3 => b"sparsebak v2 chunk hash key",
         };
         let hash_key = Zeroizing::new(hmac_sha256(data, &[hash_label]));
-        Keys { aead: XChaCha20Poly1305::new(aead_key.as_slice().into()), hash_key, chunk_hash: key.chunk_hash }
+        Keys { aead: XChaCha20Poly1305::new(&aead_key), hash_key, chunk_hash: key.chunk_hash }
     }
 
     /// Keyed hash of a plaintext chunk: detects changes like SHA-256 would,
@@ -174,30 +172,84 @@ impl Keys {
         seal_with(&self.aead, aad, plain)
     }
 
+    /// Seals the plaintext in `buf` without copying it: the sealed bytes.
+    pub fn seal_buf(&self, aad: &Aad, buf: SealBuf) -> Result<Vec<u8>> {
+        seal_in_place(&self.aead, aad, buf)
+    }
+
     pub fn open(&self, aad: &Aad, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
         open_with(&self.aead, aad, sealed)
+    }
+
+    /// Opens sealed bytes without copying them: the plaintext's range in
+    /// `sealed`, which then holds the plaintext there.
+    pub fn open_in_place(&self, aad: &Aad, sealed: &mut [u8]) -> Result<std::ops::Range<usize>, OpenError> {
+        open_in_place(&self.aead, aad, sealed)
     }
 }
 
 pub(crate) fn seal_with(aead: &XChaCha20Poly1305, aad: &Aad, plain: &[u8]) -> Result<Vec<u8>> {
-    let nonce: [u8; NONCE_LEN] = random()?;
-    let aad = aad.bytes();
-    let ct = aead
-        .encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad: &aad })
-        .map_err(|_| anyhow!("encryption failed"))?;
-    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
-    Ok(out)
+    let mut buf = SealBuf::with_capacity(plain.len());
+    buf.plain_mut().extend_from_slice(plain);
+    seal_in_place(aead, aad, buf)
 }
 
 pub(crate) fn open_with(aead: &XChaCha20Poly1305, aad: &Aad, sealed: &[u8]) -> Result<Vec<u8>, OpenError> {
+    let mut buf = sealed.to_vec();
+    let range = open_in_place(aead, aad, &mut buf)?;
+    buf.truncate(range.end);
+    buf.drain(..range.start);
+    Ok(buf)
+}
+
+/// A buffer that plaintext is put into with room before it for the nonce
+/// and after it for the tag, so that sealing encrypts where the bytes are:
+/// a chunk is compressed straight into one and then sealed without a copy.
+pub struct SealBuf(Vec<u8>);
+
+impl SealBuf {
+    /// Room for `plain_len` bytes of plaintext (more may be added; the
+    /// buffer then grows as a `Vec` does).
+    pub fn with_capacity(plain_len: usize) -> SealBuf {
+        let mut v = Vec::with_capacity(SEAL_OVERHEAD + plain_len);
+        v.resize(NONCE_LEN, 0);
+        SealBuf(v)
+    }
+
+    /// The buffer, whose bytes from [`SealBuf::PLAIN_AT`] on are the
+    /// plaintext: write after that offset only.
+    pub fn plain_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+
+    /// Where the plaintext starts in [`SealBuf::plain_mut`].
+    pub const PLAIN_AT: usize = NONCE_LEN;
+}
+
+fn seal_in_place(aead: &XChaCha20Poly1305, aad: &Aad, buf: SealBuf) -> Result<Vec<u8>> {
+    let mut out = buf.0;
+    let nonce: [u8; NONCE_LEN] = random()?;
+    let tag =
+        aead.seal_in_place(&nonce, &aad.bytes(), &mut out[NONCE_LEN..]).map_err(|_| anyhow!("encryption failed"))?;
+    out[..NONCE_LEN].copy_from_slice(&nonce);
+    out.extend_from_slice(&tag);
+    Ok(out)
+}
+
+/// Decrypts sealed bytes where they are; returns the plaintext's range in
+/// `sealed` (the nonce before it and the tag after it stay).
+fn open_in_place(aead: &XChaCha20Poly1305, aad: &Aad, sealed: &mut [u8]) -> Result<std::ops::Range<usize>, OpenError> {
     if sealed.len() < SEAL_OVERHEAD {
         return Err(OpenError::TooShort);
     }
-    let (nonce, ct) = sealed.split_at(NONCE_LEN);
-    let aad = aad.bytes();
-    aead.decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: &aad }).map_err(|_| OpenError::Forged)
+    let end = sealed.len() - TAG_LEN;
+    let (head, tag) = sealed.split_at_mut(end);
+    let (nonce, ct) = head.split_at_mut(NONCE_LEN);
+    let (Ok(nonce), Ok(tag)) = (<&[u8; NONCE_LEN]>::try_from(&*nonce), <&[u8; TAG_LEN]>::try_from(&*tag)) else {
+        return Err(OpenError::TooShort);
+    };
+    aead.open_in_place(nonce, &aad.bytes(), ct, tag).map_err(|_| OpenError::Forged)?;
+    Ok(NONCE_LEN..end)
 }
 
 /// What a sealed object is, bound into its tag.
@@ -262,6 +314,33 @@ mod tests {
 
     fn vol(name: &str) -> VolumeRef {
         VolumeRef { pool: "vg%pool".into(), name: name.into() }
+    }
+
+    /// Sealing and opening in place give the same bytes as the copying
+    /// forms, and refuse the same forgeries.
+    #[test]
+    fn in_place_sealing_matches_the_copying_form() {
+        let keys = new_keys(ChunkHash::NEW);
+        let v = vol("a");
+        let aad = Aad::Chunk { volume: &v, origin: "S_20261129-083000", addr: 0x20000 };
+        let mut buf = SealBuf::with_capacity(3);
+        buf.plain_mut().extend_from_slice(b"in place");
+        let sealed = keys.seal_buf(&aad, buf).expect("seals");
+        assert_eq!(sealed.len(), b"in place".len() + SEAL_OVERHEAD);
+        assert_eq!(keys.open(&aad, &sealed).expect("opens"), b"in place");
+        let mut opened = sealed.clone();
+        let range = keys.open_in_place(&aad, &mut opened).expect("opens in place");
+        assert_eq!(&opened[range], b"in place");
+        let copied = keys.seal(&aad, b"copied").expect("seals");
+        let mut opened = copied.clone();
+        let range = keys.open_in_place(&aad, &mut opened).expect("opens in place");
+        assert_eq!(&opened[range], b"copied");
+        let mut flipped = sealed.clone();
+        flipped[NONCE_LEN] ^= 1;
+        assert_eq!(keys.open_in_place(&aad, &mut flipped), Err(OpenError::Forged));
+        let other = Aad::Chunk { volume: &v, origin: "S_20261129-083000", addr: 0x40000 };
+        assert_eq!(keys.open_in_place(&other, &mut sealed.clone()), Err(OpenError::Forged));
+        assert_eq!(keys.open_in_place(&aad, &mut sealed.clone()[..SEAL_OVERHEAD - 1]), Err(OpenError::TooShort));
     }
 
     #[test]

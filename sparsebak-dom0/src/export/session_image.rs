@@ -158,9 +158,9 @@ struct Opener<'a> {
 
 impl Opener<'_> {
     /// One fetched chunk checked and opened as `receive` does.
-    fn open(&self, job: &((u64, Located), Result<Vec<u8>, String>)) -> (u64, Result<Vec<u8>, String>) {
+    fn open(&self, job: &mut ((u64, Located), Result<Vec<u8>, String>)) -> (u64, Result<Vec<u8>, String>) {
         let ((addr, loc), answer) = job;
-        let len = self.chunk_size.min(self.size - addr) as usize;
+        let len = self.chunk_size.min(self.size - *addr) as usize;
         let session = self.sessions[loc.session].as_str();
         let origin = match &loc.state {
             ChunkState::Stored { origin: Some(o), .. } => o.as_str(),
@@ -168,7 +168,8 @@ impl Opener<'_> {
         };
         let codec = ChunkCodec { keys: self.keys, volume: self.volume };
         let result = match answer {
-            Ok(data) => chunk::unpack(data, &loc.state, len, &codec, origin, *addr).map_err(|e| e.to_string()),
+            Ok(data) => chunk::unpack(std::mem::take(data), &loc.state, len, &codec, origin, *addr, <[u8]>::to_vec)
+                .map_err(|e| e.to_string()),
             Err(why) => Err(format!("missing or unreadable in the archive ({why})")),
         };
         (*addr, result)
@@ -264,7 +265,7 @@ impl<'k> SessionImage<'k> {
         let requests: Vec<(&str, u64)> =
             wanted.iter().map(|(addr, loc)| (self.sessions[loc.session].as_str(), *addr)).collect();
         let answers = self.rx.read_chunks(&self.volume, &requests)?;
-        let jobs: Vec<_> = wanted.into_iter().zip(answers).collect();
+        let mut jobs: Vec<_> = wanted.into_iter().zip(answers).collect();
         // Checking, opening and decompressing is the costly part: one
         // worker per core, each on its share of the batch.
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len().max(1));
@@ -279,8 +280,8 @@ impl<'k> SessionImage<'k> {
         let opener = &opener;
         let results: Vec<(u64, Result<Vec<u8>, String>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = jobs
-                .chunks(per_worker.max(1))
-                .map(|share| scope.spawn(move || share.iter().map(|job| opener.open(job)).collect::<Vec<_>>()))
+                .chunks_mut(per_worker.max(1))
+                .map(|share| scope.spawn(move || share.iter_mut().map(|job| opener.open(job)).collect::<Vec<_>>()))
                 .collect();
             handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
         });

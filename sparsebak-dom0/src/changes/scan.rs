@@ -12,11 +12,12 @@
 //!   everything from the previous session's end on (a grown tail).
 
 use crate::changes::DeltaMap;
-use crate::chunk::ChunkJob;
+use crate::chunk::{BufferPool, ChunkJob};
 use crate::meta::{ChunkState, ManifestMerge, ManifestReader, MergedEntry};
 use crate::source::ImageVolume;
 use anyhow::Result;
 use std::iter::Peekable;
+use std::sync::Arc;
 
 pub enum Candidates {
     AllData,
@@ -35,6 +36,9 @@ pub struct ScanJobs<'a> {
     size: u64,
     next: u64,
     force_store: bool,
+    /// Chunks are read into these; they come back when the workers are
+    /// done with them.
+    buffers: Arc<BufferPool>,
 }
 
 impl<'a> ScanJobs<'a> {
@@ -56,6 +60,7 @@ impl<'a> ScanJobs<'a> {
             size,
             next: 0,
             force_store,
+            buffers: BufferPool::new(),
         }
     }
 
@@ -86,12 +91,9 @@ impl<'a> ScanJobs<'a> {
         }
         self.next = addr + self.chunk_size;
         let len = self.chunk_size.min(self.size - addr) as usize;
-        Ok(Some(ChunkJob {
-            addr,
-            data: self.source.read_chunk(addr, len)?,
-            previous: self.previous.at(addr)?,
-            force_store: self.force_store,
-        }))
+        let mut buf = self.buffers.take(len);
+        let data = self.source.read_chunk_into(addr, &mut buf)?.then_some(buf);
+        Ok(Some(ChunkJob { addr, data, previous: self.previous.at(addr)?, force_store: self.force_store }))
     }
 }
 

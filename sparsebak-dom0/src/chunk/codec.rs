@@ -3,6 +3,7 @@
 //! archives sealing (compression first: ciphertext does not compress). Both
 //! run on worker threads of the pipeline.
 
+use super::ChunkBuf;
 use crate::crypto::{Aad, Keys, OpenError, SealBuf};
 use crate::meta::{ChunkState, Hash};
 use anyhow::{bail, Result};
@@ -85,7 +86,7 @@ impl ChunkCodec<'_> {
 pub struct ChunkJob {
     pub addr: u64,
     /// `None` when the source knows the range is a hole (all zeros).
-    pub data: Option<Vec<u8>>,
+    pub data: Option<ChunkBuf>,
     /// The newest entry for this address in the sessions so far (`None`:
     /// zero, as far as the archive is concerned).
     pub previous: Option<ChunkState>,
@@ -159,7 +160,7 @@ fn compress_into(data: &[u8], out: &mut Vec<u8>, at: usize) -> Result<()> {
 enum Decision {
     Unchanged,
     Zero,
-    Changed { plain: Hash, data: Vec<u8> },
+    Changed { plain: Hash, data: ChunkBuf },
 }
 
 fn decide(job: ChunkJob, codec: &ChunkCodec) -> Decision {
@@ -276,7 +277,7 @@ mod tests {
     }
 
     fn job(data: Option<Vec<u8>>, previous: Option<ChunkState>) -> ChunkJob {
-        ChunkJob { addr: 0x40000, data, previous, force_store: false }
+        ChunkJob { addr: 0x40000, data: data.map(ChunkBuf::from), previous, force_store: false }
     }
 
     /// [`unpack`] with the plaintext copied out.
@@ -315,7 +316,9 @@ mod tests {
         let (state, packed) = stored_state(p);
         assert!(packed.len() < data.len());
         let outcome = |data: Option<Vec<u8>>, previous, force_store| {
-            pack(ChunkJob { addr: 0, data, previous, force_store }, codec, S1).expect("packs").1
+            pack(ChunkJob { addr: 0, data: data.map(ChunkBuf::from), previous, force_store }, codec, S1)
+                .expect("packs")
+                .1
         };
         assert!(matches!(outcome(Some(data.clone()), Some(state), false), Packed::Unchanged));
         assert!(matches!(outcome(Some(data.clone()), Some(state), true), Packed::Stored { .. }));

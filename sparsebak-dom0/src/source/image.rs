@@ -49,16 +49,14 @@ impl ImageVolume {
             nix::fcntl::posix_fadvise(self.file.as_raw_fd(), 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM);
     }
 
-    /// Reads `[addr, addr+len)`; `None` when the whole range is a hole.
-    pub fn read_chunk(&mut self, addr: u64, len: usize) -> Result<Option<Vec<u8>>> {
-        if self.is_hole(addr, len as u64)? {
-            return Ok(None);
+    /// Reads `[addr, addr+buf.len())` into `buf`; false (and `buf` not
+    /// written) when the whole range is a hole.
+    pub fn read_chunk_into(&mut self, addr: u64, buf: &mut [u8]) -> Result<bool> {
+        if self.is_hole(addr, buf.len() as u64)? {
+            return Ok(false);
         }
-        let mut buf = vec![0u8; len];
-        self.file
-            .read_exact_at(&mut buf, addr)
-            .with_context(|| format!("reading {} at {addr:#x}", self.path.display()))?;
-        Ok(Some(buf))
+        self.file.read_exact_at(buf, addr).with_context(|| format!("reading {} at {addr:#x}", self.path.display()))?;
+        Ok(true)
     }
 
     fn is_hole(&mut self, addr: u64, len: u64) -> Result<bool> {
@@ -113,11 +111,13 @@ mod tests {
         let cs = 1 << 20;
         // tmpfs and ext4 report holes at page/block granularity; the first
         // chunk is a hole, the one holding data is not.
-        assert!(v.read_chunk(0, cs).expect("read").is_none());
-        let data = v.read_chunk(32 << 20, cs).expect("read").expect("data");
+        let mut data = vec![0xeeu8; cs];
+        assert!(!v.read_chunk_into(0, &mut data).expect("read"));
+        assert!(data.iter().all(|&b| b == 0xee), "a hole leaves the buffer alone");
+        assert!(v.read_chunk_into(32 << 20, &mut data).expect("read"));
         assert_eq!(&data[..4096], &[7u8; 4096][..]);
-        assert!(data[4096..].iter().all(|&b| b == 0));
-        assert!(v.read_chunk(63 << 20, cs).expect("read").is_none());
+        assert!(data[4096..].iter().all(|&b| b == 0), "old buffer content overwritten");
+        assert!(!v.read_chunk_into(63 << 20, &mut data).expect("read"));
         let mut v = ImageVolume::open(&path).expect("open");
         let first = v.next_data(0).expect("seek");
         assert!(first <= 32 << 20 && first > 16 << 20, "data found at {first:#x}");

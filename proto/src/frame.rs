@@ -121,11 +121,24 @@ pub fn read_msg<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, Fr
     if len > MAX_FRAME {
         return Err(FrameError::Oversize(len));
     }
-    let mut payload = vec![0u8; len];
-    if read_full(r, &mut payload)? != len {
-        return Err(FrameError::Truncated);
+    // Decoded straight from the stream: a chunk's bytes land once, in the
+    // message's own buffer, without a frame-sized buffer and a copy in
+    // between. The frame's length bounds what the decoder may read.
+    let mut body = r.take(len as u64);
+    let decoded = bincode::serde::decode_from_std_read(&mut body, config());
+    let left = body.limit();
+    match decoded {
+        Ok(_) if left > 0 => Err(FrameError::Malformed(format!("{left} trailing bytes after message"))),
+        Ok(msg) => Ok(Some(msg)),
+        Err(bincode::error::DecodeError::Io { inner, .. }) => Err(match inner.kind() {
+            // The frame ended before the message did.
+            io::ErrorKind::UnexpectedEof if left == 0 => FrameError::Malformed("message longer than its frame".into()),
+            // The stream ended before the frame did.
+            io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+            _ => FrameError::Io(inner),
+        }),
+        Err(e) => Err(FrameError::Malformed(e.to_string())),
     }
-    decode_payload(&payload).map(Some)
 }
 
 /// Whether `buf` begins with a whole frame (so reading it cannot block):
@@ -236,6 +249,17 @@ mod tests {
         bytes.extend_from_slice(&payload);
         let err = read_msg::<_, Request>(&mut &bytes[..]).expect_err("lying length");
         assert!(matches!(err, FrameError::Malformed(_) | FrameError::Truncated), "{err}");
+
+        // A frame cut short around its message, with the next frame's bytes
+        // behind it: the decoder stops at the frame's end.
+        let whole = frame_of(&Request::PutChunk { addr: 1, data: vec![5; 10] });
+        let mut short = whole.clone();
+        short.truncate(whole.len() - 4);
+        let len = (short.len() - LEN_BYTES) as u32;
+        short[..LEN_BYTES].copy_from_slice(&len.to_be_bytes());
+        short.extend_from_slice(&frame_of(&Request::Commit));
+        let err = read_msg::<_, Request>(&mut &short[..]).expect_err("message longer than frame");
+        assert!(matches!(err, FrameError::Malformed(ref m) if m.contains("longer than its frame")), "{err}");
     }
 
     proptest! {

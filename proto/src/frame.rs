@@ -49,30 +49,19 @@ fn config() -> impl bincode::config::Config {
 /// Encodes `msg` as one frame (length prefix included).
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut out = Vec::new();
-    encode_frame_into(msg, &mut out)?;
+    write_msg(&mut out, msg)?;
     Ok(out)
 }
 
-/// Encodes `msg` as one frame into `out`, replacing what it held.
-fn encode_frame_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
-    let malformed = |e: bincode::error::EncodeError| FrameError::Malformed(e.to_string());
-    // Measured first (cheap: a chunk's bytes are counted, not copied), so
-    // that a chunk is copied once into a buffer of the right size instead of
-    // through a dozen reallocations of a growing one.
+/// The payload length of `msg`'s frame, checked against [`MAX_FRAME`]
+/// (cheap: a chunk's bytes are counted, not copied).
+fn payload_len<T: Serialize>(msg: &T) -> Result<usize, FrameError> {
     let mut size = bincode::enc::write::SizeWriter::default();
-    bincode::serde::encode_into_writer(msg, &mut size, config()).map_err(malformed)?;
-    let len = size.bytes_written;
-    if len > MAX_FRAME {
-        return Err(FrameError::Oversize(len));
+    bincode::serde::encode_into_writer(msg, &mut size, config()).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    match size.bytes_written {
+        len if len > MAX_FRAME => Err(FrameError::Oversize(len)),
+        len => Ok(len),
     }
-    out.clear();
-    out.reserve(LEN_BYTES + len);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    bincode::serde::encode_into_std_write(msg, &mut *out, config()).map_err(malformed)?;
-    if out.len() != LEN_BYTES + len {
-        return Err(FrameError::Malformed(format!("encoded {} bytes, measured {len}", out.len() - LEN_BYTES)));
-    }
-    Ok(())
 }
 
 /// Decodes one frame's payload; trailing bytes are an error.
@@ -86,26 +75,42 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameErr
 }
 
 /// Writes one message as a frame. Does not flush.
+///
+/// The length is measured first, so that the message is encoded straight
+/// into `w`: a chunk's bytes are not copied into a frame buffer first (a
+/// `BufWriter` passes writes larger than its buffer through). Nothing is
+/// written for a message that is too large.
 pub fn write_msg<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
-    // One frame buffer per thread, reused: a fresh one per chunk costs page
-    // faults (glibc returns buffers this large to the kernel when freed).
-    thread_local! {
-        static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    let len = payload_len(msg)?;
+    w.write_all(&(len as u32).to_be_bytes()).map_err(FrameError::Io)?;
+    let mut counted = CountingWriter { inner: w, written: 0 };
+    bincode::serde::encode_into_std_write(msg, &mut counted, config()).map_err(|e| match e {
+        bincode::error::EncodeError::Io { inner, .. } => FrameError::Io(inner),
+        e => FrameError::Malformed(e.to_string()),
+    })?;
+    if counted.written != len {
+        return Err(FrameError::Malformed(format!("encoded {} bytes, measured {len}", counted.written)));
     }
-    /// Frame buffers kept for the next frame up to this capacity (a chunk's
-    /// frame fits); a larger one, rare, is freed after use.
-    const KEEP: usize = 1 << 20;
-    FRAME.with(|cell| {
-        let Ok(mut frame) = cell.try_borrow_mut() else {
-            // Re-entered (cannot happen today): a buffer of its own.
-            return w.write_all(&encode_frame(msg)?).map_err(FrameError::Io);
-        };
-        let result = encode_frame_into(msg, &mut frame).and_then(|()| w.write_all(&frame).map_err(FrameError::Io));
-        if frame.capacity() > KEEP {
-            *frame = Vec::new();
-        }
-        result
-    })
+    Ok(())
+}
+
+/// Counts what passes through, to check the encoding against the length
+/// already written.
+struct CountingWriter<'a, W> {
+    inner: &'a mut W,
+    written: usize,
+}
+
+impl<W: Write> Write for CountingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Reads one message. Returns `Ok(None)` on a clean end of stream at a frame
@@ -212,6 +217,18 @@ mod tests {
             let err = read_msg::<_, Request>(&mut rd).expect_err("truncated");
             assert!(matches!(err, FrameError::Truncated), "cut {cut}: {err}");
         }
+    }
+
+    #[test]
+    fn an_oversize_message_is_not_written_at_all() {
+        let mut out = Vec::new();
+        let err = write_msg(&mut out, &crate::Request::PutChunk { addr: 0, data: vec![0; MAX_FRAME] })
+            .expect_err("too large");
+        assert!(matches!(err, FrameError::Oversize(n) if n > MAX_FRAME), "{err}");
+        assert!(out.is_empty(), "{} bytes written", out.len());
+        write_msg(&mut out, &crate::Request::PutChunk { addr: 0, data: vec![7; 1000] }).expect("fits");
+        assert_eq!(out, encode_frame(&crate::Request::PutChunk { addr: 0, data: vec![7; 1000] }).expect("encodes"));
+        assert_eq!(u32::from_be_bytes([out[0], out[1], out[2], out[3]]) as usize, out.len() - LEN_BYTES);
     }
 
     #[test]

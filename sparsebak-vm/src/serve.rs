@@ -11,15 +11,29 @@ use crate::local_store::LocalStore;
 use crate::store::{ChunkRef, Store};
 use anyhow::{anyhow, bail, Context, Result};
 use sparsebak_proto::frame::holds_whole_frame;
-use sparsebak_proto::msg::{MAX_KEY_FILE, META_PIECE};
+use sparsebak_proto::msg::{MAX_CHUNK_SIZE, MAX_KEY_FILE, META_PIECE};
 use sparsebak_proto::{read_msg, write_msg, Destination, Request, Response, PROTOCOL_VERSION};
 use std::io::{BufReader, BufWriter, Read, Write};
 
 /// Chunk reads answered together at most: the requests dom0 already sent
 /// are batched so that a store with latency (S3) fetches them at once.
-/// The batch is held in memory: 16 of the largest chunks (4 MiB) stay
-/// within the receiver's 64 MiB.
 const READ_BATCH: usize = 16;
+/// Bytes of chunks a batch may hold in memory. Until the conversation has
+/// seen a chunk, batches assume the largest there can be; then the largest
+/// seen so far: 16 chunks of 128 KiB, 4 of 4 MiB (16 of those, as before,
+/// took the receiver to 68 MiB).
+const READ_BATCH_BYTES: usize = 16 << 20;
+
+/// How many chunk reads the next batch may take, given the largest chunk
+/// answered so far.
+fn read_batch_limit(largest_seen: Option<usize>) -> usize {
+    let largest = largest_seen.unwrap_or(MAX_CHUNK_SIZE as usize + MAX_CHUNK_OVERHEAD).max(1);
+    (READ_BATCH_BYTES / largest).clamp(1, READ_BATCH)
+}
+
+/// What a stored chunk may hold beyond its plaintext (compression's worst
+/// case, nonce and tag) for the first batch's estimate.
+const MAX_CHUNK_OVERHEAD: usize = 64 << 10;
 
 /// A failed conversation; `reported` when dom0 already got the message (so
 /// it is not printed twice on the user's terminal).
@@ -36,6 +50,7 @@ pub fn serve_stdio() -> Result<(), ServeError> {
 
 pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Result<(), ServeError> {
     let mut server = Server { store: None };
+    let mut largest_chunk = None;
     loop {
         let req: Request = match read_msg(&mut input) {
             Ok(Some(req)) => req,
@@ -45,7 +60,8 @@ pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Resul
         if let Request::ReadChunk { volume, session, addr } = req {
             let mut batch = vec![ChunkRef { volume, session, addr }];
             let mut next = None;
-            while batch.len() < READ_BATCH && holds_whole_frame(input.buffer()) {
+            let limit = read_batch_limit(largest_chunk);
+            while batch.len() < limit && holds_whole_frame(input.buffer()) {
                 match read_msg(&mut input) {
                     Ok(Some(Request::ReadChunk { volume, session, addr })) => {
                         batch.push(ChunkRef { volume, session, addr })
@@ -61,6 +77,8 @@ pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Resul
                 Ok(store) => store.read_chunks(&batch),
                 Err(e) => return fail(&mut output, e),
             };
+            let largest = answers.iter().filter_map(|a| a.as_ref().ok().map(Vec::len)).max();
+            largest_chunk = largest_chunk.max(largest);
             for answer in answers {
                 if write_msg(&mut output, &chunk_answer(answer)).is_err() {
                     return Ok(());
@@ -219,5 +237,23 @@ impl Server {
                 Some(Response::Done)
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_batches_are_bounded_in_bytes() {
+        let stored = |plain: usize| plain + 64; // a little compression overhead, nonce, tag
+        assert_eq!(read_batch_limit(Some(stored(128 << 10))), READ_BATCH, "small chunks: the count bounds");
+        for seen in [None, Some(stored(4 << 20)), Some(stored(1 << 20)), Some(1)] {
+            let n = read_batch_limit(seen);
+            let largest = seen.unwrap_or(MAX_CHUNK_SIZE as usize + MAX_CHUNK_OVERHEAD);
+            assert!((1..=READ_BATCH).contains(&n), "{seen:?}: {n}");
+            assert!(n == 1 || n * largest <= READ_BATCH_BYTES, "{seen:?}: {n} chunks of {largest} bytes");
+        }
+        assert!(read_batch_limit(None) < READ_BATCH, "before any chunk, the largest is assumed");
     }
 }

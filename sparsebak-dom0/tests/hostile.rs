@@ -45,6 +45,8 @@ while True:
         out.write(head + payload[: len(payload) // 2]); out.flush(); break
     elif mode == "hang":
         continue  # swallow answers, keep the pipe open until the receiver ends
+    elif mode == "bloat":  # every chunk answer becomes the frame in the file named by argv[4]
+        out.write(open(sys.argv[4], "rb").read() if payload[0] == CHUNK else head + payload)
     elif mode == "inject":  # answer with the frames in the file named by argv[4]
         out.write(open(sys.argv[4], "rb").read()); out.flush(); break
     out.flush()
@@ -157,6 +159,16 @@ fn assert_no_files(dir: &Path) {
 fn flipped_chunk_bytes_are_caught_before_decompression() {
     // The harness archive is encrypted: the AEAD tag is what catches it.
     Hostile::new("flip", 0).receive_fails("authentication failed");
+}
+
+/// Chunk answers far longer than their chunk can be stored as are that
+/// chunk's fault, dropped as they arrive: otherwise a pipeline's worth of
+/// them (8 MiB each, the frame cap) would wait for their checks.
+#[test]
+fn oversize_chunk_answers_are_refused_as_they_arrive() {
+    let h = Hostile::new("bloat", 0);
+    h.inject(&Response::Chunk(vec![7; 4 << 20]));
+    h.receive_fails("more than the chunk can take");
 }
 
 #[test]

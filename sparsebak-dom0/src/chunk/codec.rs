@@ -4,7 +4,7 @@
 //! run on worker threads of the pipeline.
 
 use super::ChunkBuf;
-use crate::crypto::{Aad, Keys, OpenError, SealBuf};
+use crate::crypto::{Aad, Keys, OpenError, SealBuf, SEAL_OVERHEAD};
 use crate::meta::{ChunkState, Hash};
 use anyhow::{bail, Result};
 use sha2::{Digest, Sha256};
@@ -17,6 +17,12 @@ const ZSTD_LEVEL: i32 = 1;
 
 pub fn sha256(data: &[u8]) -> Hash {
     Sha256::digest(data).into()
+}
+
+/// The most bytes a chunk of `len` bytes can take when stored: zstd's worst
+/// case, and the nonce and tag of an encrypted archive.
+pub fn max_stored_len(len: usize) -> usize {
+    zstd::zstd_safe::compress_bound(len).saturating_add(SEAL_OVERHEAD)
 }
 
 pub fn is_zero(data: &[u8]) -> bool {

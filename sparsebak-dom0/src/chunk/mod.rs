@@ -11,4 +11,4 @@ mod codec;
 pub mod pipeline;
 
 pub use buffers::{BufferPool, ChunkBuf};
-pub use codec::{differs, pack, unpack, ChunkCodec, ChunkJob, Packed};
+pub use codec::{differs, max_stored_len, pack, unpack, ChunkCodec, ChunkJob, Packed};

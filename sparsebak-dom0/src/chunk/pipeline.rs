@@ -21,9 +21,9 @@ const IN_FLIGHT_BYTES: u64 = 24 << 20;
 /// Copies of a chunk one job holds at its peak: the data read, its
 /// compressed (and sealed) form, and the frame it is encoded into.
 const COPIES_PER_JOB: u64 = 3;
-/// Batches in flight per worker at most (small chunks): enough to keep the
-/// workers busy while the producer waits on I/O (16 chunks per worker).
-const MAX_BATCHES_PER_WORKER: usize = 4;
+/// Jobs in flight per worker at most (small chunks): enough to keep the
+/// workers busy while the producer waits on I/O.
+const MAX_JOBS_PER_WORKER: usize = 16;
 /// Chunk bytes per batch: 4 chunks of the default 128 KiB. Hand-offs
 /// between threads (futex wake-ups) were about a twentieth of the CPU time
 /// of a receive with one chunk per hand-off.
@@ -39,10 +39,11 @@ pub struct Lanes {
 }
 
 impl Lanes {
-    /// One worker per core, batches of about [`BATCH_BYTES`], and as many
-    /// batches in flight as [`IN_FLIGHT_BYTES`] allows for chunks of
-    /// `chunk_size` bytes (at least one more than there are workers, so
-    /// none of them idles).
+    /// One worker per core; as many jobs in flight as [`IN_FLIGHT_BYTES`]
+    /// allows for chunks of `chunk_size` bytes (at least one more than there
+    /// are workers, so none of them idles); in batches of about
+    /// [`BATCH_BYTES`], as long as that leaves a batch for every worker and
+    /// one more (the jobs in flight, not the batches, are what is bounded).
     pub fn for_chunks(chunk_size: u64) -> Lanes {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         Lanes::new(workers, chunk_size)
@@ -51,11 +52,11 @@ impl Lanes {
     fn new(workers: usize, chunk_size: u64) -> Lanes {
         let workers = workers.max(1);
         let chunk_size = chunk_size.max(1);
-        let batch = usize::try_from(BATCH_BYTES / chunk_size).unwrap_or(1).max(1);
-        let by_bytes = IN_FLIGHT_BYTES / (COPIES_PER_JOB * chunk_size * batch as u64);
-        let in_flight =
-            usize::try_from(by_bytes).unwrap_or(usize::MAX).clamp(workers + 1, workers * MAX_BATCHES_PER_WORKER);
-        Lanes { workers, in_flight, batch }
+        let by_bytes = IN_FLIGHT_BYTES / (COPIES_PER_JOB * chunk_size);
+        let jobs = usize::try_from(by_bytes).unwrap_or(usize::MAX).clamp(workers + 1, workers * MAX_JOBS_PER_WORKER);
+        let by_batch_bytes = usize::try_from(BATCH_BYTES / chunk_size).unwrap_or(1);
+        let batch = by_batch_bytes.min(jobs / (workers + 1)).max(1);
+        Lanes { workers, in_flight: jobs / batch, batch }
     }
 }
 
@@ -74,7 +75,7 @@ where
     W: Fn(J) -> Result<R> + Sync,
     S: FnMut(R) -> Result<()>,
 {
-    let batches = Batches { jobs, size: lanes.batch.max(1), failed: None };
+    let batches = Batches { jobs: jobs.fuse(), size: lanes.batch.max(1), failed: None };
     // A batch's results up to its first error, which ends them.
     let work_batch = |batch: Vec<J>| {
         let mut out = Vec::with_capacity(batch.len());
@@ -338,16 +339,20 @@ mod tests {
 
     #[test]
     fn lanes_bound_bytes_for_any_chunk_size() {
-        for chunk in [64u64 << 10, 128 << 10, 1 << 20, 4 << 20] {
-            let l = Lanes::new(2, chunk);
-            assert!(l.in_flight > l.workers, "{chunk}: {l:?}");
-            assert!(l.batch >= 1 && l.batch as u64 * chunk <= BATCH_BYTES.max(chunk), "{chunk}: {l:?}");
-            let bytes = l.in_flight as u64 * l.batch as u64 * COPIES_PER_JOB * chunk;
-            // The floor of workers + 1 may exceed the budget only for chunks
-            // so large that three jobs do.
-            assert!(bytes <= IN_FLIGHT_BYTES.max(3 * COPIES_PER_JOB * chunk), "{chunk}: {bytes}");
+        for workers in [1usize, 2, 3, 4, 16, 32, 64] {
+            for chunk in [64u64 << 10, 128 << 10, 1 << 20, 4 << 20] {
+                let l = Lanes::new(workers, chunk);
+                assert!(l.in_flight > l.workers, "{workers} x {chunk}: {l:?}");
+                assert!(l.batch >= 1 && l.batch as u64 * chunk <= BATCH_BYTES.max(chunk), "{chunk}: {l:?}");
+                let bytes = l.in_flight as u64 * l.batch as u64 * COPIES_PER_JOB * chunk;
+                // The floor of workers + 1 jobs may exceed the budget only
+                // for chunks so large (or workers so many) that it does.
+                let floor = (workers as u64 + 1) * COPIES_PER_JOB * chunk;
+                assert!(bytes <= IN_FLIGHT_BYTES.max(floor), "{workers} x {chunk}: {bytes} bytes, {l:?}");
+            }
         }
-        assert_eq!(Lanes::new(2, 128 << 10), Lanes { workers: 2, in_flight: 8, batch: 4 }, "capped per worker");
+        assert_eq!(Lanes::new(2, 128 << 10), Lanes { workers: 2, in_flight: 8, batch: 4 });
         assert_eq!(Lanes::new(2, 4 << 20).batch, 1, "big chunks travel alone");
+        assert_eq!(Lanes::new(32, 128 << 10).batch, 1, "many workers: a batch each first");
     }
 }

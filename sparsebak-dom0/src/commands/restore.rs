@@ -438,7 +438,8 @@ fn fetch(entry: MergedEntry, responses: &mut ResponseSource, size: u64, cs: u64)
     let answer = match entry.entry.state {
         ChunkState::Zero => None,
         ChunkState::Stored { .. } => {
-            Some(responses.chunk()?.map_err(|why| format!("missing or unreadable in the archive ({why})")))
+            let answer = responses.chunk(chunk::max_stored_len(len))?;
+            Some(answer.map_err(|why| format!("missing or unreadable in the archive ({why})")))
         }
     };
     Ok(Fetched { entry, answer, len })

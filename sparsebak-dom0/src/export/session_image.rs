@@ -264,7 +264,8 @@ impl<'k> SessionImage<'k> {
         }
         let requests: Vec<(&str, u64)> =
             wanted.iter().map(|(addr, loc)| (self.sessions[loc.session].as_str(), *addr)).collect();
-        let answers = self.rx.read_chunks(&self.volume, &requests)?;
+        let max_len = chunk::max_stored_len(usize::try_from(self.chunk_size).unwrap_or(usize::MAX));
+        let answers = self.rx.read_chunks(&self.volume, &requests, max_len)?;
         let mut jobs: Vec<_> = wanted.into_iter().zip(answers).collect();
         // Checking, opening and decompressing is the costly part: one
         // worker per core, each on its share of the batch.

@@ -130,13 +130,19 @@ impl Receiver {
     }
 
     /// Reads several chunks in one pipelined batch: every request goes out
-    /// first, then the answers are read in the same order.
-    pub fn read_chunks(&mut self, volume: &VolumeRef, chunks: &[(&str, u64)]) -> Result<Vec<ChunkAnswer>> {
+    /// first, then the answers are read in the same order (each at most
+    /// `max_len` bytes, see [`ResponseSource::chunk`]).
+    pub fn read_chunks(
+        &mut self,
+        volume: &VolumeRef,
+        chunks: &[(&str, u64)],
+        max_len: usize,
+    ) -> Result<Vec<ChunkAnswer>> {
         for (session, addr) in chunks {
             self.requests.read_chunk(volume, session, *addr)?;
         }
         self.requests.flush()?;
-        chunks.iter().map(|_| self.responses.chunk()).collect()
+        chunks.iter().map(|_| self.responses.chunk(max_len)).collect()
     }
 
     /// Replaces a committed session's info in the archive (sealed by the caller).
@@ -169,9 +175,16 @@ impl RequestSink {
 }
 
 impl ResponseSource {
-    /// The answer to the oldest outstanding chunk read.
-    pub fn chunk(&mut self) -> Result<ChunkAnswer> {
+    /// The answer to the oldest outstanding chunk read. Stored bytes longer
+    /// than `max_len` (what the chunk can take when stored: see
+    /// `chunk::max_stored_len`) are the chunk's fault, dropped at once: a
+    /// lying archive cannot make chunks that wait for their checks hold
+    /// more than that.
+    pub fn chunk(&mut self, max_len: usize) -> Result<ChunkAnswer> {
         match self.recv()? {
+            Response::Chunk(data) if data.len() > max_len => {
+                Ok(Err(format!("stored as {} bytes, more than the chunk can take ({max_len})", data.len())))
+            }
             Response::Chunk(data) => Ok(Ok(data)),
             Response::ChunkError(why) => Ok(Err(printable(&why))),
             other => Err(unexpected("read chunk", &other)),

@@ -48,14 +48,15 @@ echo "== disk and memory before the tests"
 df -h "$root" /tmp | sed 's/^/   /'
 free -m | sed 's/^/   /'
 scratch=$(mktemp -d /tmp/sparsebak-tests.XXXXXX)
-mount -t tmpfs -o size=16g,mode=1777 tmpfs "$scratch"
 cleanup() {
-  # Tests unmount what they mount; a lazy recursive unmount also takes
-  # whatever a failed test left behind.
-  umount -R -l "$scratch" 2>/dev/null || true
+  # Tests unmount what they mount and stop what they start; a lazy
+  # recursive unmount also takes whatever a failed test left behind (its
+  # memory is freed once nothing holds files there any more).
+  if mountpoint -q "$scratch"; then umount -R -l "$scratch" 2>/dev/null || true; fi
   rmdir "$scratch" 2>/dev/null || true
 }
 trap cleanup EXIT
+mount -t tmpfs -o size=16g,mode=1777 tmpfs "$scratch"
 export TMPDIR=$scratch
 export CARGO_INCREMENTAL=0
 

@@ -32,9 +32,26 @@ fn cluster_script(args: &[&str]) -> std::process::Output {
     Command::new("bash").arg(repo_file("tests/s3/ceph-cluster.sh")).args(args).output().expect("run ceph-cluster.sh")
 }
 
+/// Where the cluster's folder goes: the temporary folder (a tmpfs in CI,
+/// see scripts/test-all.sh) when it takes O_DIRECT, as BlueStore's block
+/// file needs (tmpfs does on recent kernels), else /var/tmp.
+fn ceph_parent() -> PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = std::env::temp_dir();
+    let probe = tmp.join(format!("sparsebak-odirect-probe.{}", std::process::id()));
+    let direct =
+        std::fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(&probe).is_ok();
+    let _ = std::fs::remove_file(&probe);
+    if direct {
+        tmp
+    } else {
+        PathBuf::from("/var/tmp")
+    }
+}
+
 fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("sparsebak-ceph.").tempdir().expect("tempdir").keep();
+        let dir = tempfile::Builder::new().prefix("sparsebak-ceph.").tempdir_in(ceph_parent()).expect("tempdir").keep();
         let d = dir.display().to_string();
         let out = cluster_script(&["start", &d]);
         // Stop the cluster when this test binary exits, however it exits.

@@ -26,16 +26,17 @@ pub struct ChunkSource {
 }
 
 impl ChunkSource {
-    /// The stored bytes of chunk `addr` of the session in `session_dir`.
+    /// The stored bytes of chunk `addr` of the session in `session_dir`,
+    /// in `buf` if they come from a chunk file (its content is replaced).
     /// A tar session's chunk files (merged in by prune) are looked at when
     /// its tar lacks the address.
-    pub fn read(&mut self, session_dir: &Path, addr: u64) -> Result<Vec<u8>> {
+    pub fn read(&mut self, session_dir: &Path, addr: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
         if let Some(tar) = self.tar_of(session_dir)? {
             if let Some(data) = tar.read(addr) {
                 return data;
             }
         }
-        read_chunk_file(&chunk_path(session_dir, addr))
+        read_chunk_file(&chunk_path(session_dir, addr), buf)
     }
 
     /// The tar index of a session, or `None` for a folder session.
@@ -61,14 +62,33 @@ impl ChunkSource {
     }
 }
 
-/// Reads a chunk file, refusing one larger than any chunk.
-pub fn read_chunk_file(path: &Path) -> Result<Vec<u8>> {
+/// Reads a chunk file into `data` (its content is replaced), refusing one
+/// larger than any chunk.
+pub fn read_chunk_file(path: &Path, mut data: Vec<u8>) -> Result<Vec<u8>> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = f.metadata().with_context(|| format!("stat {}", path.display()))?.len();
     if len > MAX_CHUNK_FILE {
         bail!("{} is {len} bytes, larger than any chunk", path.display());
     }
-    let mut data = Vec::with_capacity(len as usize);
+    data.clear();
+    data.reserve(len as usize);
     f.take(MAX_CHUNK_FILE).read_to_end(&mut data).with_context(|| format!("reading {}", path.display()))?;
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reused buffer holds exactly the file afterwards, whatever it held.
+    #[test]
+    fn a_reused_buffer_holds_only_the_chunk_read() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("x");
+        std::fs::write(&path, b"short").expect("write");
+        let dirty = vec![0xee; 4096];
+        assert_eq!(read_chunk_file(&path, dirty).expect("reads"), b"short");
+        assert_eq!(read_chunk_file(&path, Vec::new()).expect("reads"), b"short");
+        assert!(read_chunk_file(&tmp.path().join("missing"), vec![1, 2, 3]).is_err());
+    }
 }

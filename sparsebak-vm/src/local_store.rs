@@ -62,12 +62,12 @@ impl Store for LocalStore {
         self.writer.is_some()
     }
 
-    fn read_chunks(&mut self, chunks: &[ChunkRef]) -> Vec<Result<Vec<u8>>> {
+    fn read_chunks(&mut self, chunks: &[ChunkRef], spare: &mut Vec<Vec<u8>>) -> Vec<Result<Vec<u8>>> {
         chunks
             .iter()
             .map(|c| {
                 let dir = self.archive.session_dir(&c.volume, &c.session)?;
-                self.chunks.read(&dir, c.addr)
+                self.chunks.read(&dir, c.addr, spare.pop().unwrap_or_default())
             })
             .collect()
     }

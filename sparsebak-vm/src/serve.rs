@@ -51,6 +51,10 @@ pub fn serve_stdio() -> Result<(), ServeError> {
 pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Result<(), ServeError> {
     let mut server = Server { store: None };
     let mut largest_chunk = None;
+    // Buffers of chunk answers already written, for the next batch's reads:
+    // fresh ones cost page faults (freeing a batch shrinks the heap). At
+    // most READ_BATCH_BYTES of them.
+    let mut spare: Vec<Vec<u8>> = Vec::new();
     loop {
         let req: Request = match read_msg(&mut input) {
             Ok(Some(req)) => req,
@@ -74,14 +78,21 @@ pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Resul
                 }
             }
             let answers = match server.store() {
-                Ok(store) => store.read_chunks(&batch),
+                Ok(store) => store.read_chunks(&batch, &mut spare),
                 Err(e) => return fail(&mut output, e),
             };
             let largest = answers.iter().filter_map(|a| a.as_ref().ok().map(Vec::len)).max();
             largest_chunk = largest_chunk.max(largest);
             for answer in answers {
-                if write_msg(&mut output, &chunk_answer(answer)).is_err() {
+                let response = chunk_answer(answer);
+                if write_msg(&mut output, &response).is_err() {
                     return Ok(());
+                }
+                if let Response::Chunk(data) = response {
+                    // Kept within the batch's own byte bound.
+                    if spare.iter().map(Vec::capacity).sum::<usize>() + data.capacity() <= READ_BATCH_BYTES {
+                        spare.push(data);
+                    }
                 }
             }
             if output.flush().is_err() {

@@ -34,7 +34,10 @@ pub trait Store {
 
     /// The stored bytes of each chunk, in order; a missing or unreadable
     /// chunk is an error of its own, not of the whole batch.
-    fn read_chunks(&mut self, chunks: &[ChunkRef]) -> Vec<Result<Vec<u8>>>;
+    ///
+    /// `spare` holds emptied buffers of answers already sent, for reads to
+    /// fill instead of fresh ones (a store may leave it alone).
+    fn read_chunks(&mut self, chunks: &[ChunkRef], spare: &mut Vec<Vec<u8>>) -> Vec<Result<Vec<u8>>>;
     /// Up to `max` bytes of a committed session's metadata file from
     /// `offset` (empty at or past its end).
     fn read_meta(

@@ -320,7 +320,7 @@ impl Store for S3Store {
         self.writer.is_some()
     }
 
-    fn read_chunks(&mut self, chunks: &[ChunkRef]) -> Vec<Result<Vec<u8>>> {
+    fn read_chunks(&mut self, chunks: &[ChunkRef], _spare: &mut Vec<Vec<u8>>) -> Vec<Result<Vec<u8>>> {
         let keys: Result<Vec<Path>> =
             chunks.iter().map(|c| Self::chunk_key(&self.session_dir(&c.volume, &c.session)?, c.addr)).collect();
         match keys {

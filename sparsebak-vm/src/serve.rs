@@ -89,10 +89,7 @@ pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Resul
                     return Ok(());
                 }
                 if let Response::Chunk(data) = response {
-                    // Kept within the batch's own byte bound.
-                    if spare.iter().map(Vec::capacity).sum::<usize>() + data.capacity() <= READ_BATCH_BYTES {
-                        spare.push(data);
-                    }
+                    keep_spare(&mut spare, data);
                 }
             }
             if output.flush().is_err() {
@@ -107,6 +104,14 @@ pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Resul
         if let Err(e) = server.answer(req, &mut output) {
             return e;
         }
+    }
+}
+
+/// Keeps an answer's buffer for a later read, within the batch's own byte
+/// bound ([`READ_BATCH_BYTES`]).
+fn keep_spare(spare: &mut Vec<Vec<u8>>, data: Vec<u8>) {
+    if spare.iter().map(Vec::capacity).sum::<usize>() + data.capacity() <= READ_BATCH_BYTES {
+        spare.push(data);
     }
 }
 
@@ -266,5 +271,18 @@ mod tests {
             assert!(n == 1 || n * largest <= READ_BATCH_BYTES, "{seen:?}: {n} chunks of {largest} bytes");
         }
         assert!(read_batch_limit(None) < READ_BATCH, "before any chunk, the largest is assumed");
+    }
+
+    #[test]
+    fn spare_buffers_stay_within_the_batch_bound() {
+        let mut spare = Vec::new();
+        keep_spare(&mut spare, Vec::with_capacity(1000));
+        assert_eq!(spare.len(), 1, "a small buffer is kept");
+        for _ in 0..10 {
+            keep_spare(&mut spare, Vec::with_capacity(4 << 20));
+        }
+        let kept: usize = spare.iter().map(Vec::capacity).sum();
+        assert!(kept <= READ_BATCH_BYTES, "{kept} bytes kept");
+        assert_eq!(spare.len(), 4, "as many 4 MiB buffers as fit beside the small one");
     }
 }

@@ -83,21 +83,25 @@ mod tests {
     #[test]
     fn buffers_return_to_their_pool_and_are_reused() {
         let pool = BufferPool::new();
-        let mut a = pool.take(100);
+        let free = |pool: &Arc<BufferPool>| pool.free.lock().expect("lock").len();
+        let mut a = pool.take(4096);
         a[0] = 7;
-        let ptr = a.as_ptr();
+        assert_eq!(free(&pool), 0);
         drop(a);
+        assert_eq!(free(&pool), 1, "a dropped buffer goes back to its pool");
+        // A fresh buffer of 100 bytes would not have the old one's room.
         let b = pool.take(100);
-        assert_eq!(b.as_ptr(), ptr, "the dropped buffer is handed out again");
-        assert_eq!(b.len(), 100);
+        assert_eq!(free(&pool), 0, "the free buffer is handed out again");
+        assert_eq!(b.len(), 100, "a reused buffer takes the length asked for");
+        assert!(b.buf.capacity() >= 4096, "it is the old buffer");
         let c = pool.take(50);
         assert_eq!(c.len(), 50, "a new buffer when none is free");
         drop((b, c));
-        let shorter = pool.take(10);
-        assert_eq!(shorter.len(), 10, "a reused buffer takes the length asked for");
+        assert_eq!(free(&pool), 2);
         let mut many: Vec<ChunkBuf> = (0..KEEP + 10).map(|_| pool.take(1)).collect();
         many.clear();
-        assert!(pool.free.lock().expect("lock").len() <= KEEP, "the pool keeps at most KEEP buffers");
+        assert_eq!(free(&pool), KEEP, "the pool keeps at most KEEP buffers");
         drop(ChunkBuf::from(vec![1, 2, 3])); // no pool: simply freed
+        assert_eq!(free(&pool), KEEP);
     }
 }

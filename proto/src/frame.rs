@@ -94,6 +94,31 @@ pub fn write_msg<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), Frame
     Ok(())
 }
 
+/// What [`write_msg`] writes for `Response::Chunk` of `len` bytes before the
+/// bytes themselves (frame length, message kind, byte count). The receiver
+/// writes this and then has the kernel append the chunk file (`sendfile`),
+/// so the bytes never pass through its memory.
+///
+/// Derived from the encoding of an empty chunk answer, so it follows
+/// whatever bincode does: that encoding is the kind followed by the byte
+/// count 0, which takes one byte.
+pub fn chunk_answer_head(len: usize) -> Result<Vec<u8>, FrameError> {
+    let empty = bincode::serde::encode_to_vec(crate::Response::Chunk(Vec::new()), config())
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let kind = empty.get(..empty.len().saturating_sub(1)).unwrap_or_default();
+    let count =
+        bincode::serde::encode_to_vec(len as u64, config()).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let payload = kind.len() + count.len() + len;
+    if payload > MAX_FRAME {
+        return Err(FrameError::Oversize(payload));
+    }
+    let mut head = Vec::with_capacity(LEN_BYTES + kind.len() + count.len());
+    head.extend_from_slice(&(payload as u32).to_be_bytes());
+    head.extend_from_slice(kind);
+    head.extend_from_slice(&count);
+    Ok(head)
+}
+
 /// Counts what passes through, to check the encoding against the length
 /// already written.
 struct CountingWriter<'a, W> {
@@ -175,6 +200,19 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The head plus the bytes is exactly the frame `write_msg` makes, at
+    /// every size where the byte count's encoding changes.
+    #[test]
+    fn chunk_answer_head_matches_the_encoded_answer() {
+        for len in [0usize, 1, 250, 251, 252, 65535, 65536, 131072, 4 << 20] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let mut sent = chunk_answer_head(len).expect("head");
+            sent.extend_from_slice(&data);
+            assert_eq!(sent, encode_frame(&crate::Response::Chunk(data)).expect("encodes"), "len {len}");
+        }
+        assert!(matches!(chunk_answer_head(MAX_FRAME), Err(FrameError::Oversize(_))));
+    }
 
     #[test]
     fn whole_frames_are_recognised() {

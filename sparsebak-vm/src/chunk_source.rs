@@ -7,10 +7,10 @@
 //! it stays bounded however many sessions a restore touches.
 
 use crate::archive::{chunk_path, MAX_CHUNK_FILE};
+use crate::store::StoredChunk;
 use crate::tar::TarIndex;
 use anyhow::{bail, Context, Result};
 use sparsebak_proto::layout::TAR_FILE;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -26,17 +26,16 @@ pub struct ChunkSource {
 }
 
 impl ChunkSource {
-    /// The stored bytes of chunk `addr` of the session in `session_dir`,
-    /// in `buf` if they come from a chunk file (its content is replaced).
-    /// A tar session's chunk files (merged in by prune) are looked at when
-    /// its tar lacks the address.
-    pub fn read(&mut self, session_dir: &Path, addr: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+    /// Chunk `addr` of the session in `session_dir`: its chunk file, opened,
+    /// or its bytes read from the session's tar. A tar session's chunk files
+    /// (merged in by prune) are looked at when its tar lacks the address.
+    pub fn read(&mut self, session_dir: &Path, addr: u64) -> Result<StoredChunk> {
         if let Some(tar) = self.tar_of(session_dir)? {
             if let Some(data) = tar.read(addr) {
-                return data;
+                return data.map(StoredChunk::Bytes);
             }
         }
-        read_chunk_file(&chunk_path(session_dir, addr), buf)
+        open_chunk_file(&chunk_path(session_dir, addr))
     }
 
     /// The tar index of a session, or `None` for a folder session.
@@ -62,33 +61,36 @@ impl ChunkSource {
     }
 }
 
-/// Reads a chunk file into `data` (its content is replaced), refusing one
-/// larger than any chunk.
-pub fn read_chunk_file(path: &Path, mut data: Vec<u8>) -> Result<Vec<u8>> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len = f.metadata().with_context(|| format!("stat {}", path.display()))?.len();
-    if len > MAX_CHUNK_FILE {
-        bail!("{} is {len} bytes, larger than any chunk", path.display());
+/// Opens a chunk file for sending, refusing one larger than any chunk.
+pub fn open_chunk_file(path: &Path) -> Result<StoredChunk> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let meta = file.metadata().with_context(|| format!("stat {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
     }
-    data.clear();
-    data.reserve(len as usize);
-    f.take(MAX_CHUNK_FILE).read_to_end(&mut data).with_context(|| format!("reading {}", path.display()))?;
-    Ok(data)
+    if meta.len() > MAX_CHUNK_FILE {
+        bail!("{} is {} bytes, larger than any chunk", path.display(), meta.len());
+    }
+    Ok(StoredChunk::File { file, len: meta.len() })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A reused buffer holds exactly the file afterwards, whatever it held.
+    /// A chunk file comes with its length; a missing one, a folder or one
+    /// larger than any chunk is refused.
     #[test]
-    fn a_reused_buffer_holds_only_the_chunk_read() {
+    fn chunk_files_are_opened_with_their_length() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = tmp.path().join("x");
         std::fs::write(&path, b"short").expect("write");
-        let dirty = vec![0xee; 4096];
-        assert_eq!(read_chunk_file(&path, dirty).expect("reads"), b"short");
-        assert_eq!(read_chunk_file(&path, Vec::new()).expect("reads"), b"short");
-        assert!(read_chunk_file(&tmp.path().join("missing"), vec![1, 2, 3]).is_err());
+        assert!(matches!(open_chunk_file(&path), Ok(StoredChunk::File { len: 5, .. })));
+        assert!(open_chunk_file(&tmp.path().join("missing")).is_err());
+        assert!(open_chunk_file(tmp.path()).is_err());
+        let big = std::fs::File::create(tmp.path().join("big")).expect("create");
+        big.set_len(MAX_CHUNK_FILE + 1).expect("set_len");
+        let err = open_chunk_file(&tmp.path().join("big")).err().expect("refused");
+        assert!(format!("{err:#}").contains("larger than any chunk"), "{err:#}");
     }
 }

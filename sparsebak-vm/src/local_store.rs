@@ -7,7 +7,7 @@ use crate::archive::Archive;
 use crate::chunk_source::ChunkSource;
 use crate::prune::{self, Prune};
 use crate::session_writer::SessionWriter;
-use crate::store::{ChunkRef, Store};
+use crate::store::{ChunkRef, Store, StoredChunk};
 use crate::writer_thread::QueuedSession;
 use anyhow::{bail, Context, Result};
 use sparsebak_proto::{MetaFile, StoreFormat, VolumeRef};
@@ -62,12 +62,12 @@ impl Store for LocalStore {
         self.writer.is_some()
     }
 
-    fn read_chunks(&mut self, chunks: &[ChunkRef], spare: &mut Vec<Vec<u8>>) -> Vec<Result<Vec<u8>>> {
+    fn read_chunks(&mut self, chunks: &[ChunkRef]) -> Vec<Result<StoredChunk>> {
         chunks
             .iter()
             .map(|c| {
                 let dir = self.archive.session_dir(&c.volume, &c.session)?;
-                self.chunks.read(&dir, c.addr, spare.pop().unwrap_or_default())
+                self.chunks.read(&dir, c.addr)
             })
             .collect()
     }

@@ -2,6 +2,7 @@
 //! child, or over ssh) and speaks the sparsebak protocol on stdin/stdout.
 #![forbid(unsafe_code)]
 
+mod answers;
 mod archive;
 mod chunk_source;
 mod cli;

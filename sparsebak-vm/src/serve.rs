@@ -6,14 +6,16 @@
 //! Here the order of requests is checked; the archive itself is a
 //! [`Store`]: a mounted folder or an S3 bucket, as `Hello` names it.
 
+use crate::answers::AnswerStream;
 use crate::archive::Archive;
 use crate::local_store::LocalStore;
-use crate::store::{ChunkRef, Store};
+use crate::store::{ChunkRef, Store, StoredChunk};
 use anyhow::{anyhow, bail, Context, Result};
 use sparsebak_proto::frame::holds_whole_frame;
 use sparsebak_proto::msg::{MAX_CHUNK_SIZE, MAX_KEY_FILE, META_PIECE};
-use sparsebak_proto::{read_msg, write_msg, Destination, Request, Response, PROTOCOL_VERSION};
-use std::io::{BufReader, BufWriter, Read, Write};
+use sparsebak_proto::{read_msg, write_msg, Destination, FrameError, Request, Response, PROTOCOL_VERSION};
+use std::io::{BufReader, ErrorKind, Read, Write};
+use std::os::fd::AsFd;
 
 /// Chunk reads answered together at most: the requests dom0 already sent
 /// are batched so that a store with latency (S3) fetches them at once.
@@ -45,16 +47,12 @@ pub struct ServeError {
 pub fn serve_stdio() -> Result<(), ServeError> {
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
-    serve(BufReader::with_capacity(1 << 20, stdin), BufWriter::with_capacity(1 << 20, stdout))
+    serve(BufReader::with_capacity(1 << 20, stdin), AnswerStream::new(stdout))
 }
 
-pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Result<(), ServeError> {
+pub fn serve<R: Read, W: Write + AsFd>(mut input: BufReader<R>, mut output: AnswerStream<W>) -> Result<(), ServeError> {
     let mut server = Server { store: None };
     let mut largest_chunk = None;
-    // Buffers of chunk answers already written, for the next batch's reads:
-    // fresh ones cost page faults (freeing a batch shrinks the heap). At
-    // most READ_BATCH_BYTES of them.
-    let mut spare: Vec<Vec<u8>> = Vec::new();
     loop {
         let req: Request = match read_msg(&mut input) {
             Ok(Some(req)) => req,
@@ -78,18 +76,24 @@ pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Resul
                 }
             }
             let answers = match server.store() {
-                Ok(store) => store.read_chunks(&batch, &mut spare),
+                Ok(store) => store.read_chunks(&batch),
                 Err(e) => return fail(&mut output, e),
             };
-            let largest = answers.iter().filter_map(|a| a.as_ref().ok().map(Vec::len)).max();
-            largest_chunk = largest_chunk.max(largest);
+            let largest = answers.iter().filter_map(|a| a.as_ref().ok().map(StoredChunk::len)).max();
+            largest_chunk = largest_chunk.max(largest.map(|l| l as usize));
             for answer in answers {
-                let response = chunk_answer(answer);
-                if write_msg(&mut output, &response).is_err() {
-                    return Ok(());
-                }
-                if let Response::Chunk(data) = response {
-                    keep_spare(&mut spare, data);
+                let sent = match answer {
+                    Ok(StoredChunk::Bytes(data)) => write_msg(&mut output, &Response::Chunk(data)).map_err(io_error),
+                    Ok(StoredChunk::File { file, len }) => output.send_chunk_file(&file, len),
+                    // A store error is the chunk's, not fatal.
+                    Err(e) => write_msg(&mut output, &Response::ChunkError(format!("{e:#}"))).map_err(io_error),
+                };
+                match sent {
+                    Ok(()) => {}
+                    // dom0 is gone (or stopped reading): nothing to say.
+                    Err(e) if is_gone(&e) => return Ok(()),
+                    // Half an answer may be out: the conversation cannot go on.
+                    Err(e) => return Err(ServeError { error: anyhow!("sending a chunk: {e}"), reported: false }),
                 }
             }
             if output.flush().is_err() {
@@ -107,19 +111,15 @@ pub fn serve<R: Read, W: Write>(mut input: BufReader<R>, mut output: W) -> Resul
     }
 }
 
-/// Keeps an answer's buffer for a later read, within the batch's own byte
-/// bound ([`READ_BATCH_BYTES`]).
-fn keep_spare(spare: &mut Vec<Vec<u8>>, data: Vec<u8>) {
-    if spare.iter().map(Vec::capacity).sum::<usize>() + data.capacity() <= READ_BATCH_BYTES {
-        spare.push(data);
-    }
+/// Whether a write failed because dom0 closed its end.
+fn is_gone(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset)
 }
 
-/// A chunk read's answer: a store error is the chunk's, not fatal.
-fn chunk_answer(read: Result<Vec<u8>>) -> Response {
-    match read {
-        Ok(data) => Response::Chunk(data),
-        Err(e) => Response::ChunkError(format!("{e:#}")),
+fn io_error(e: FrameError) -> std::io::Error {
+    match e {
+        FrameError::Io(e) => e,
+        e => std::io::Error::other(e.to_string()),
     }
 }
 
@@ -271,18 +271,5 @@ mod tests {
             assert!(n == 1 || n * largest <= READ_BATCH_BYTES, "{seen:?}: {n} chunks of {largest} bytes");
         }
         assert!(read_batch_limit(None) < READ_BATCH, "before any chunk, the largest is assumed");
-    }
-
-    #[test]
-    fn spare_buffers_stay_within_the_batch_bound() {
-        let mut spare = Vec::new();
-        keep_spare(&mut spare, Vec::with_capacity(1000));
-        assert_eq!(spare.len(), 1, "a small buffer is kept");
-        for _ in 0..10 {
-            keep_spare(&mut spare, Vec::with_capacity(4 << 20));
-        }
-        let kept: usize = spare.iter().map(Vec::capacity).sum();
-        assert!(kept <= READ_BATCH_BYTES, "{kept} bytes kept");
-        assert_eq!(spare.len(), 4, "as many 4 MiB buffers as fit beside the small one");
     }
 }

@@ -8,12 +8,31 @@
 
 use anyhow::Result;
 use sparsebak_proto::{MetaFile, StoreFormat, VolumeRef};
+use std::fs::File;
 
 /// One chunk that dom0 asks for.
 pub struct ChunkRef {
     pub volume: VolumeRef,
     pub session: String,
     pub addr: u64,
+}
+
+/// A stored chunk as a store hands it out for dom0.
+pub enum StoredChunk {
+    /// Its bytes, in memory (an S3 object, a tar member).
+    Bytes(Vec<u8>),
+    /// An open chunk file of `len` bytes: the conversation has the kernel
+    /// copy it to dom0 (`sendfile`), so it is never read into memory.
+    File { file: File, len: u64 },
+}
+
+impl StoredChunk {
+    pub fn len(&self) -> u64 {
+        match self {
+            StoredChunk::Bytes(data) => data.len() as u64,
+            StoredChunk::File { len, .. } => *len,
+        }
+    }
 }
 
 pub trait Store {
@@ -34,10 +53,7 @@ pub trait Store {
 
     /// The stored bytes of each chunk, in order; a missing or unreadable
     /// chunk is an error of its own, not of the whole batch.
-    ///
-    /// `spare` holds emptied buffers of answers already sent, for reads to
-    /// fill instead of fresh ones (a store may leave it alone).
-    fn read_chunks(&mut self, chunks: &[ChunkRef], spare: &mut Vec<Vec<u8>>) -> Vec<Result<Vec<u8>>>;
+    fn read_chunks(&mut self, chunks: &[ChunkRef]) -> Vec<Result<StoredChunk>>;
     /// Up to `max` bytes of a committed session's metadata file from
     /// `offset` (empty at or past its end).
     fn read_meta(

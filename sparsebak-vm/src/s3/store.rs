@@ -38,7 +38,7 @@ use super::client::{Bucket, StreamingUpload};
 use super::profile;
 use crate::archive::{check_marker, marker_text, MAX_CHUNK_FILE};
 use crate::prune::{finishable, Journal, State, ADDRS, NEW_SUFFIX};
-use crate::store::{ChunkRef, Store};
+use crate::store::{ChunkRef, Store, StoredChunk};
 use anyhow::{anyhow, bail, Context, Result};
 use object_store::path::Path;
 use sparsebak_proto::layout::{self, ARCHIVE_FORMAT_VERSION, PRUNE_JOURNAL};
@@ -320,11 +320,13 @@ impl Store for S3Store {
         self.writer.is_some()
     }
 
-    fn read_chunks(&mut self, chunks: &[ChunkRef], _spare: &mut Vec<Vec<u8>>) -> Vec<Result<Vec<u8>>> {
+    fn read_chunks(&mut self, chunks: &[ChunkRef]) -> Vec<Result<StoredChunk>> {
         let keys: Result<Vec<Path>> =
             chunks.iter().map(|c| Self::chunk_key(&self.session_dir(&c.volume, &c.session)?, c.addr)).collect();
         match keys {
-            Ok(keys) => self.bucket.get_many(keys, MAX_CHUNK_FILE),
+            Ok(keys) => {
+                self.bucket.get_many(keys, MAX_CHUNK_FILE).into_iter().map(|r| r.map(StoredChunk::Bytes)).collect()
+            }
             // A bad name is dom0's error for every chunk of the batch.
             Err(e) => chunks.iter().map(|_| Err(anyhow!("{e:#}"))).collect(),
         }

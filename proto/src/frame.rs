@@ -5,7 +5,7 @@
 //! allocated, so a hostile peer cannot make the reader allocate without bound.
 
 use serde::{de::DeserializeOwned, Serialize};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 
 /// Largest payload accepted in one frame. Chunks are at most
 /// [`crate::msg::MAX_CHUNK_SIZE`] before compression; zstd's worst-case
@@ -99,13 +99,10 @@ pub fn write_msg<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), Frame
 /// writes this and then has the kernel append the chunk file (`sendfile`),
 /// so the bytes never pass through its memory.
 ///
-/// Derived from the encoding of an empty chunk answer, so it follows
-/// whatever bincode does: that encoding is the kind followed by the byte
-/// count 0, which takes one byte.
+/// Derived from the encoding of an empty chunk answer ([`chunk_kind`]), so
+/// it follows whatever bincode does.
 pub fn chunk_answer_head(len: usize) -> Result<Vec<u8>, FrameError> {
-    let empty = bincode::serde::encode_to_vec(crate::Response::Chunk(Vec::new()), config())
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let kind = empty.get(..empty.len().saturating_sub(1)).unwrap_or_default();
+    let kind = chunk_kind()?;
     let count =
         bincode::serde::encode_to_vec(len as u64, config()).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let payload = kind.len() + count.len() + len;
@@ -141,34 +138,121 @@ impl<W: Write> Write for CountingWriter<'_, W> {
 /// Reads one message. Returns `Ok(None)` on a clean end of stream at a frame
 /// boundary, which is how a peer says it is done.
 pub fn read_msg<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, FrameError> {
+    let Some(len) = read_frame_len(r)? else { return Ok(None) };
+    // Decoded straight from the stream: a chunk's bytes land once, in the
+    // message's own buffer, without a frame-sized buffer and a copy in
+    // between. The frame's length bounds what the decoder may read.
+    let mut body = r.take(len as u64);
+    let msg = decode_from(&mut body)?;
+    match body.limit() {
+        0 => Ok(Some(msg)),
+        left => Err(FrameError::Malformed(format!("{left} trailing bytes after message"))),
+    }
+}
+
+/// The payload length of the next frame; `None` at a clean end of stream.
+fn read_frame_len<R: Read>(r: &mut R) -> Result<Option<usize>, FrameError> {
     let mut len_buf = [0u8; LEN_BYTES];
     match read_full(r, &mut len_buf)? {
         0 => return Ok(None),
         LEN_BYTES => {}
         _ => return Err(FrameError::Truncated),
     }
-    let len = u32::from_be_bytes(len_buf) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::Oversize(len));
+    match u32::from_be_bytes(len_buf) as usize {
+        len if len > MAX_FRAME => Err(FrameError::Oversize(len)),
+        len => Ok(Some(len)),
     }
-    // Decoded straight from the stream: a chunk's bytes land once, in the
-    // message's own buffer, without a frame-sized buffer and a copy in
-    // between. The frame's length bounds what the decoder may read.
-    let mut body = r.take(len as u64);
-    let decoded = bincode::serde::decode_from_std_read(&mut body, config());
-    let left = body.limit();
-    match decoded {
-        Ok(_) if left > 0 => Err(FrameError::Malformed(format!("{left} trailing bytes after message"))),
-        Ok(msg) => Ok(Some(msg)),
-        Err(bincode::error::DecodeError::Io { inner, .. }) => Err(match inner.kind() {
+}
+
+/// Decodes one value from the rest of a frame (`body` is limited to it).
+fn decode_from<R: Read, T: DeserializeOwned>(body: &mut io::Take<R>) -> Result<T, FrameError> {
+    bincode::serde::decode_from_std_read(&mut *body, config()).map_err(|e| match e {
+        bincode::error::DecodeError::Io { inner, .. } => match inner.kind() {
             // The frame ended before the message did.
-            io::ErrorKind::UnexpectedEof if left == 0 => FrameError::Malformed("message longer than its frame".into()),
+            io::ErrorKind::UnexpectedEof if body.limit() == 0 => {
+                FrameError::Malformed("message longer than its frame".into())
+            }
             // The stream ended before the frame did.
             io::ErrorKind::UnexpectedEof => FrameError::Truncated,
             _ => FrameError::Io(inner),
-        }),
-        Err(e) => Err(FrameError::Malformed(e.to_string())),
+        },
+        e => FrameError::Malformed(e.to_string()),
+    })
+}
+
+/// One answer to a chunk read, as [`read_chunk_answer`] found it.
+#[derive(Debug)]
+pub enum ChunkRead {
+    /// A chunk: its bytes are in the caller's buffer.
+    Chunk,
+    /// A chunk longer than the caller's limit, of this many bytes: they
+    /// were read past, not kept.
+    TooLong(usize),
+    /// Any other answer.
+    Other(crate::Response),
+}
+
+/// Reads the answer to a chunk read. A chunk's bytes go straight from the
+/// stream into `buf` (its content is replaced): the caller keeps the
+/// buffer for the next chunk, so neither a fresh allocation (page faults,
+/// zero-filling) nor a copy out of a decoded message is paid per chunk.
+/// Chunks longer than `max` are read past without being kept.
+///
+/// The bytes are the same as [`read_msg`] reads (tested against it); a
+/// reader that cannot see the message's kind in its buffer decodes the
+/// answer the general way.
+pub fn read_chunk_answer<R: BufRead>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<Option<ChunkRead>, FrameError> {
+    let Some(len) = read_frame_len(r)? else { return Ok(None) };
+    let kind = chunk_kind()?;
+    let is_chunk = len >= kind.len() && r.fill_buf().map_err(FrameError::Io)?.starts_with(kind);
+    if !is_chunk {
+        let mut body = r.take(len as u64);
+        let msg = decode_from(&mut body)?;
+        return match body.limit() {
+            0 => Ok(Some(ChunkRead::Other(msg))),
+            left => Err(FrameError::Malformed(format!("{left} trailing bytes after message"))),
+        };
     }
+    r.consume(kind.len());
+    let mut body = r.take((len - kind.len()) as u64);
+    let count: u64 = decode_from(&mut body)?;
+    let left = body.limit();
+    if count > left {
+        return Err(FrameError::Malformed("message longer than its frame".into()));
+    }
+    if count < left {
+        return Err(FrameError::Malformed(format!("{} trailing bytes after message", left - count)));
+    }
+    let count = count as usize; // at most MAX_FRAME
+    let got = if count > max {
+        io::copy(&mut body, &mut io::sink()).map_err(FrameError::Io)? as usize
+    } else {
+        buf.clear();
+        buf.reserve(count);
+        body.read_to_end(buf).map_err(FrameError::Io)?
+    };
+    match got {
+        _ if got < count => Err(FrameError::Truncated),
+        _ if count > max => Ok(Some(ChunkRead::TooLong(count))),
+        _ => Ok(Some(ChunkRead::Chunk)),
+    }
+}
+
+/// The encoding of a chunk answer's kind: that of an empty chunk answer
+/// without its byte count 0 (one byte).
+fn chunk_kind() -> Result<&'static [u8], FrameError> {
+    static KIND: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    if KIND.get().is_none() {
+        let mut empty = bincode::serde::encode_to_vec(crate::Response::Chunk(Vec::new()), config())
+            .map_err(|e| FrameError::Malformed(e.to_string()))?;
+        empty.pop();
+        let _ = KIND.set(empty);
+    }
+    KIND.get().map(Vec::as_slice).ok_or_else(|| FrameError::Malformed("chunk answer kind".into()))
 }
 
 /// Whether `buf` begins with a whole frame (so reading it cannot block):
@@ -317,6 +401,49 @@ mod tests {
         assert!(matches!(err, FrameError::Malformed(ref m) if m.contains("longer than its frame")), "{err}");
     }
 
+    /// Reads `stream` frame by frame with both readers (the chunk reader
+    /// through a small buffer, as a pipe delivers) and fails where they
+    /// differ: same answers, same bytes, an error at the same frame.
+    fn agree(stream: &[u8], max: usize) -> Result<(), TestCaseError> {
+        let mut general = stream;
+        let mut chunked = io::BufReader::with_capacity(7, stream);
+        let mut buf = vec![0xee; 3];
+        for _ in 0..16 {
+            let want = read_msg::<_, Response>(&mut general);
+            let got = read_chunk_answer(&mut chunked, &mut buf, max);
+            match (want, got) {
+                (Ok(None), Ok(None)) => return Ok(()),
+                (Ok(Some(Response::Chunk(d))), Ok(Some(ChunkRead::Chunk))) => {
+                    prop_assert!(d.len() <= max);
+                    prop_assert_eq!(&d, &buf);
+                }
+                (Ok(Some(Response::Chunk(d))), Ok(Some(ChunkRead::TooLong(n)))) => {
+                    prop_assert!(n > max);
+                    prop_assert_eq!(d.len(), n);
+                }
+                (Ok(Some(w)), Ok(Some(ChunkRead::Other(g)))) => prop_assert_eq!(w, g),
+                // Where a frame claims more than the stream holds, one may
+                // call it cut short and the other too long for its message.
+                (Err(_), Err(_)) => return Ok(()),
+                (w, g) => prop_assert!(false, "read_msg: {:?}, chunk reader: {:?}", w.map(|_| ()), g),
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn oversize_chunks_are_read_past() {
+        let mut stream = encode_frame(&Response::Chunk(vec![1; 1000])).expect("encodes");
+        stream.extend(encode_frame(&Response::Chunk(vec![2; 10])).expect("encodes"));
+        let mut r = &stream[..];
+        let mut buf = Vec::new();
+        assert!(matches!(read_chunk_answer(&mut r, &mut buf, 999), Ok(Some(ChunkRead::TooLong(1000)))));
+        assert!(buf.capacity() < 1000, "the long chunk was not kept");
+        assert!(matches!(read_chunk_answer(&mut r, &mut buf, 999), Ok(Some(ChunkRead::Chunk))));
+        assert_eq!(buf, vec![2; 10]);
+        assert!(matches!(read_chunk_answer(&mut r, &mut buf, 999), Ok(None)));
+    }
+
     proptest! {
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -330,6 +457,36 @@ mod tests {
             }
             let mut rd = &bytes[..];
             let _ = read_msg::<_, Response>(&mut rd);
+        }
+
+        /// Whatever the bytes (valid answers, cut or bit-flipped), the
+        /// chunk reader sees what `read_msg` sees, frame after frame.
+        #[test]
+        fn chunk_reader_agrees_with_read_msg(
+            lens in proptest::collection::vec(0usize..600, 1..5),
+            cut in any::<prop::sample::Index>(),
+            flip in proptest::option::of((any::<prop::sample::Index>(), 1u8..=255)),
+            max in 0usize..700,
+        ) {
+            let mut stream = Vec::new();
+            for (i, len) in lens.iter().enumerate() {
+                let answer = match i % 3 {
+                    1 => Response::ChunkError(format!("missing {len}")),
+                    _ => Response::Chunk((0..*len).map(|b| b as u8).collect()),
+                };
+                stream.extend(encode_frame(&answer).expect("encodes"));
+            }
+            if let Some((at, bits)) = flip {
+                let at = at.index(stream.len());
+                stream[at] ^= bits;
+            }
+            stream.truncate(cut.index(stream.len() + 1));
+            agree(&stream, max)?;
+        }
+
+        #[test]
+        fn chunk_reader_agrees_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512), max in 0usize..512) {
+            agree(&bytes, max)?;
         }
 
         #[test]

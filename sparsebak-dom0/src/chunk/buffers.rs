@@ -33,6 +33,12 @@ impl BufferPool {
         ChunkBuf { buf, pool: Some(Arc::clone(self)) }
     }
 
+    /// An empty buffer for a reader to fill (a reused one keeps its
+    /// capacity: see [`ChunkBuf::vec_mut`]).
+    pub fn take_empty(self: &Arc<Self>) -> ChunkBuf {
+        self.take(0)
+    }
+
     fn give_back(&self, buf: Vec<u8>) {
         if let Ok(mut free) = self.free.lock() {
             if free.len() < KEEP {
@@ -43,6 +49,7 @@ impl BufferPool {
 }
 
 /// A chunk's bytes; back to its pool, if it has one, when dropped.
+#[derive(Default)]
 pub struct ChunkBuf {
     buf: Vec<u8>,
     pool: Option<Arc<BufferPool>>,
@@ -52,6 +59,14 @@ pub struct ChunkBuf {
 impl From<Vec<u8>> for ChunkBuf {
     fn from(buf: Vec<u8>) -> ChunkBuf {
         ChunkBuf { buf, pool: None }
+    }
+}
+
+impl ChunkBuf {
+    /// The buffer itself, for readers that append (`read_to_end` fills
+    /// spare capacity without zeroing it first).
+    pub fn vec_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
     }
 }
 
@@ -103,5 +118,9 @@ mod tests {
         assert_eq!(free(&pool), KEEP, "the pool keeps at most KEEP buffers");
         drop(ChunkBuf::from(vec![1, 2, 3])); // no pool: simply freed
         assert_eq!(free(&pool), KEEP);
+        let mut e = pool.take_empty();
+        assert!(e.is_empty() && e.vec_mut().capacity() >= 1, "an empty buffer with its old room");
+        e.vec_mut().extend_from_slice(b"read");
+        assert_eq!(&e[..], b"read");
     }
 }

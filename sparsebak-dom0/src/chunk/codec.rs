@@ -248,7 +248,7 @@ impl std::fmt::Display for ChunkFault {
 /// computed again: it would only cost a third of the hashing.
 #[allow(clippy::too_many_arguments)]
 pub fn unpack<R>(
-    mut data: Vec<u8>,
+    mut data: impl std::ops::DerefMut<Target = [u8]>,
     state: &ChunkState,
     len: usize,
     codec: &ChunkCodec,

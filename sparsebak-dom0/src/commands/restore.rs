@@ -17,7 +17,7 @@ use crate::interrupt::{self, TempFileGuard};
 use crate::meta::{ChunkState, MergedEntry, MetaDir, SessionId, VolumeMeta};
 use crate::remote::{
     metafile::{self, MetaRef},
-    rollback, Receiver, RequestSink, ResponseSource,
+    rollback, ChunkAnswer, Receiver, RequestSink, ResponseSource,
 };
 use crate::ui::{confirm, human_bytes, Progress};
 use anyhow::{anyhow, bail, Context, Result};
@@ -25,7 +25,7 @@ use sparsebak_proto::{MetaFile, VolumeRef};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, TrySendError};
+use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -36,6 +36,11 @@ pub enum Mode {
 
 /// Entries in flight between the request sender and the answer reader.
 const IN_FLIGHT: usize = 256;
+/// Entries handed from the sender to the reader at once. One at a time, a
+/// full channel woke the sender for every chunk the reader took, and it
+/// then flushed a single request: a thread wake-up and a tiny pipe write
+/// per chunk on both sides.
+const ORDER_BATCH: usize = 32;
 /// How many bad chunks are reported one by one before only counting.
 const REPORT_LIMIT: u64 = 20;
 
@@ -264,7 +269,7 @@ fn create_temp_file(tmp: &Path) -> Result<File> {
 /// One chunk on its way through the checking workers.
 struct Fetched {
     entry: MergedEntry,
-    answer: Option<Result<Vec<u8>, String>>,
+    answer: Option<ChunkAnswer>,
     len: usize,
 }
 
@@ -294,7 +299,7 @@ fn restore_volume(
     let target = sessions.last().cloned().context("no session")?;
     let (size, cs) = (info.volume_size, info.chunk_size);
     let (requests, mut responses, mut process) = rx.split();
-    let (order_tx, order_rx) = sync_channel::<Result<MergedEntry>>(IN_FLIGHT);
+    let (order_tx, order_rx) = sync_channel::<Vec<Result<MergedEntry>>>(IN_FLIGHT / ORDER_BATCH);
     let sender = {
         let volume = volume.clone();
         let sessions = sessions.clone();
@@ -309,7 +314,7 @@ fn restore_volume(
     let mut next_addr = 0u64; // where the last entry ended: gaps between entries are zeros
     let mut bad = 0u64;
     let mut stored = 0u64;
-    let jobs = order_rx.into_iter().map(|entry| fetch(entry?, &mut responses, size, cs));
+    let jobs = order_rx.into_iter().flatten().map(|entry| fetch(entry?, &mut responses, size, cs));
     let progress = Progress::bytes(&label, size);
     let codec = ChunkCodec { keys, volume: &volume };
     // Workers write the chunks they checked themselves (positioned writes
@@ -394,42 +399,54 @@ fn restore_volume(
 }
 
 /// The sender thread: one `ReadChunk` per stored chunk, and every entry
-/// (stored or zero) down the order channel so the reader knows what comes.
+/// (stored or zero) down the order channel, in batches, so the reader
+/// knows what comes.
 fn send_requests(
     mut requests: RequestSink,
     merged: impl Iterator<Item = Result<MergedEntry>>,
     size: u64,
     volume: &VolumeRef,
     sessions: &[SessionId],
-    order: std::sync::mpsc::SyncSender<Result<MergedEntry>>,
+    order: std::sync::mpsc::SyncSender<Vec<Result<MergedEntry>>>,
 ) -> Result<()> {
+    let mut batch = Vec::with_capacity(ORDER_BATCH);
     for entry in merged {
         let entry = match entry {
             Ok(e) if e.entry.addr >= size => continue,
             Ok(e) => e,
             Err(e) => {
-                let _ = order.send(Err(anyhow!("{e:#}")));
+                // The reader stops at the error, after the entries before it.
+                batch.push(Err(anyhow!("{e:#}")));
+                let _ = hand_over(&mut requests, &order, batch);
                 return Err(e);
             }
         };
         if matches!(entry.entry.state, ChunkState::Stored { .. }) {
             requests.read_chunk(volume, sessions[entry.session].as_str(), entry.entry.addr)?;
         }
-        // Flush before we might block, so the receiver always has the
-        // requests for every entry the reader waits on.
-        match order.try_send(Ok(entry)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(item)) => {
-                requests.flush()?;
-                if order.send(item).is_err() {
-                    return Ok(()); // the reader stopped
-                }
-            }
-            Err(TrySendError::Disconnected(_)) => return Ok(()),
+        batch.push(Ok(entry));
+        if batch.len() == ORDER_BATCH && !hand_over(&mut requests, &order, std::mem::take(&mut batch))? {
+            return Ok(()); // the reader stopped
         }
+    }
+    if !batch.is_empty() {
+        hand_over(&mut requests, &order, batch)?;
     }
     requests.flush()?;
     Ok(())
+}
+
+/// Sends a batch of entries to the reader, after their requests: the
+/// receiver always has the requests for every entry the reader waits on.
+/// False when the reader stopped.
+fn hand_over(
+    requests: &mut RequestSink,
+    order: &std::sync::mpsc::SyncSender<Vec<Result<MergedEntry>>>,
+    batch: Vec<Result<MergedEntry>>,
+) -> Result<bool> {
+    let flushed = requests.flush();
+    let taken = order.send(batch).is_ok();
+    flushed.map(|_| taken)
 }
 
 /// Reads the answer for one entry (stored chunks only).

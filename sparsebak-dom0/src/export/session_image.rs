@@ -23,7 +23,7 @@ use super::nbd::{Export, EIO};
 use crate::chunk::{self, ChunkCodec};
 use crate::crypto::Keys;
 use crate::meta::{ChunkState, MergedEntry, Origin, SessionId, VolumeMeta};
-use crate::remote::Receiver;
+use crate::remote::{ChunkAnswer, Receiver};
 use anyhow::{bail, Context, Result};
 use sparsebak_proto::VolumeRef;
 use std::collections::VecDeque;
@@ -158,7 +158,7 @@ struct Opener<'a> {
 
 impl Opener<'_> {
     /// One fetched chunk checked and opened as `receive` does.
-    fn open(&self, job: &mut ((u64, Located), Result<Vec<u8>, String>)) -> (u64, Result<Vec<u8>, String>) {
+    fn open(&self, job: &mut ((u64, Located), ChunkAnswer)) -> (u64, Result<Vec<u8>, String>) {
         let ((addr, loc), answer) = job;
         let len = self.chunk_size.min(self.size - *addr) as usize;
         let session = self.sessions[loc.session].as_str();

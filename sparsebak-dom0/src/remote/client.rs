@@ -2,15 +2,19 @@
 //! is the one that request allows. Commands call these and never see a
 //! `Response`; an unexpected answer is an error naming the request.
 
-use super::transport::{Receiver, RequestSink, ResponseSource};
+use super::transport::{ReceivedChunk, Receiver, RequestSink, ResponseSource};
+use crate::chunk::ChunkBuf;
 use crate::ui::printable::printable;
 use anyhow::{bail, Result};
 use sparsebak_proto::{Destination, MetaFile, Request, Response, StoreFormat, VolumeRef, PROTOCOL_VERSION};
 
-/// A chunk or a metadata piece as the receiver answered a read: the bytes
-/// (untrusted until checked), or why it could not read them (missing,
-/// unreadable; the conversation goes on).
-pub type ChunkAnswer = std::result::Result<Vec<u8>, String>;
+/// A chunk as the receiver answered a read: the bytes (untrusted until
+/// checked; the buffer goes back to the connection's pool when dropped),
+/// or why it could not read them (missing, unreadable; the conversation
+/// goes on).
+pub type ChunkAnswer = std::result::Result<ChunkBuf, String>;
+/// A piece of a metadata file, or why it could not be read.
+pub type MetaAnswer = std::result::Result<Vec<u8>, String>;
 
 /// "unexpected answer to WHAT: KIND".
 fn unexpected(what: &str, resp: &Response) -> anyhow::Error {
@@ -120,7 +124,7 @@ impl Receiver {
     }
 
     /// A piece of a committed session's metadata file from `offset`.
-    pub fn read_meta(&mut self, volume: &VolumeRef, session: &str, file: MetaFile, offset: u64) -> Result<ChunkAnswer> {
+    pub fn read_meta(&mut self, volume: &VolumeRef, session: &str, file: MetaFile, offset: u64) -> Result<MetaAnswer> {
         let req = Request::ReadMeta { volume: volume.clone(), session: session.to_string(), file, offset };
         match self.call(&req)? {
             Response::Meta(d) => Ok(Ok(d)),
@@ -181,13 +185,13 @@ impl ResponseSource {
     /// lying archive cannot make chunks that wait for their checks hold
     /// more than that.
     pub fn chunk(&mut self, max_len: usize) -> Result<ChunkAnswer> {
-        match self.recv()? {
-            Response::Chunk(data) if data.len() > max_len => {
-                Ok(Err(format!("stored as {} bytes, more than the chunk can take ({max_len})", data.len())))
+        match self.recv_chunk(max_len)? {
+            ReceivedChunk::Bytes(data) => Ok(Ok(data)),
+            ReceivedChunk::TooLong(len) => {
+                Ok(Err(format!("stored as {len} bytes, more than the chunk can take ({max_len})")))
             }
-            Response::Chunk(data) => Ok(Ok(data)),
-            Response::ChunkError(why) => Ok(Err(printable(&why))),
-            other => Err(unexpected("read chunk", &other)),
+            ReceivedChunk::Other(Response::ChunkError(why)) => Ok(Err(printable(&why))),
+            ReceivedChunk::Other(other) => Err(unexpected("read chunk", &other)),
         }
     }
 }

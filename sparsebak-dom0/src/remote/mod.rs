@@ -18,4 +18,5 @@ pub mod metafile;
 pub mod rollback;
 mod transport;
 
+pub use client::ChunkAnswer;
 pub use transport::{Receiver, RequestSink, ResponseSource};

@@ -7,17 +7,19 @@
 //! printable and capped before it is shown, and a receiver that dies or says
 //! `Error` becomes a one-line error here.
 
+use crate::chunk::{BufferPool, ChunkBuf};
 use crate::config::{Config, DestVm};
 use crate::ui::printable::{self, printable};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use sparsebak_proto::frame::{read_chunk_answer, ChunkRead};
 use sparsebak_proto::{read_msg, write_msg, FrameError, Request, Response};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// The qrexec service the backup VM provides.
@@ -26,6 +28,10 @@ const RECEIVER_BIN: &str = "sparsebak-vm";
 /// The size asked for the pipes to and from the receiver (Linux's default
 /// is 64 KiB; 1 MiB is the default limit for unprivileged processes).
 const PIPE_SIZE: i32 = 1 << 20;
+/// The buffer on answers. Small next to a chunk on purpose: a read of
+/// more than the buffer holds, into an empty buffer, goes straight from
+/// the pipe into the chunk's own buffer instead of through this one.
+const RESPONSE_BUFFER: usize = 64 << 10;
 
 /// The argument vector that starts the receiver for `dest`.
 pub fn receiver_argv(dest: &DestVm) -> Result<Vec<String>> {
@@ -81,6 +87,9 @@ pub struct RequestSink {
 /// receiver -> dom0.
 pub struct ResponseSource {
     input: BufReader<Idle<ChildStdout>>,
+    /// Buffers that chunk answers are read into, back here when the chunk
+    /// was checked.
+    chunk_buffers: Arc<BufferPool>,
 }
 
 /// A pipe end that fails instead of blocking longer than `limit`: a receiver
@@ -172,12 +181,51 @@ impl ResponseSource {
     /// stream is an error.
     pub(super) fn recv(&mut self) -> Result<Response> {
         match read_msg(&mut self.input) {
-            Ok(Some(Response::Error(msg))) => bail!("receiver: {}", printable(&msg)),
-            Ok(Some(resp)) => Ok(resp),
-            Ok(None) => bail!("the receiver closed the connection unexpectedly"),
-            Err(FrameError::Io(e)) => Err(anyhow!("reading from the receiver: {e}")),
-            Err(e) => Err(anyhow!("bad data from the receiver: {}", printable(&e.to_string()))),
+            Ok(Some(resp)) => not_an_error(resp),
+            Ok(None) => Err(closed()),
+            Err(e) => Err(bad_frame(e)),
         }
+    }
+
+    /// The next response, where a chunk is expected: a chunk's bytes are
+    /// read into a buffer of this source's pool; one longer than `max` is
+    /// read past (its length is returned instead).
+    pub(super) fn recv_chunk(&mut self, max: usize) -> Result<ReceivedChunk> {
+        let mut buf = self.chunk_buffers.take_empty();
+        match read_chunk_answer(&mut self.input, buf.vec_mut(), max) {
+            Ok(Some(ChunkRead::Chunk)) => Ok(ReceivedChunk::Bytes(buf)),
+            Ok(Some(ChunkRead::TooLong(len))) => Ok(ReceivedChunk::TooLong(len)),
+            Ok(Some(ChunkRead::Other(resp))) => not_an_error(resp).map(ReceivedChunk::Other),
+            Ok(None) => Err(closed()),
+            Err(e) => Err(bad_frame(e)),
+        }
+    }
+}
+
+/// What came where a chunk was expected.
+pub(super) enum ReceivedChunk {
+    Bytes(ChunkBuf),
+    /// A chunk longer than the limit, of this many bytes (not kept).
+    TooLong(usize),
+    Other(Response),
+}
+
+/// A receiver's `Error` answer as an error.
+fn not_an_error(resp: Response) -> Result<Response> {
+    match resp {
+        Response::Error(msg) => bail!("receiver: {}", printable(&msg)),
+        resp => Ok(resp),
+    }
+}
+
+fn closed() -> anyhow::Error {
+    anyhow!("the receiver closed the connection unexpectedly")
+}
+
+fn bad_frame(e: FrameError) -> anyhow::Error {
+    match e {
+        FrameError::Io(e) => anyhow!("reading from the receiver: {e}"),
+        e => anyhow!("bad data from the receiver: {}", printable(&e.to_string())),
     }
 }
 
@@ -203,7 +251,8 @@ impl Receiver {
             limit: config.idle_timeout,
             requests: RequestSink { out: BufWriter::with_capacity(1 << 20, Idle::new(stdin, config.idle_timeout)?) },
             responses: ResponseSource {
-                input: BufReader::with_capacity(1 << 20, Idle::new(stdout, config.idle_timeout)?),
+                input: BufReader::with_capacity(RESPONSE_BUFFER, Idle::new(stdout, config.idle_timeout)?),
+                chunk_buffers: BufferPool::new(),
             },
         };
         rx.hello(config.dest.clone())?;

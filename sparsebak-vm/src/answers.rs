@@ -7,6 +7,7 @@
 //! or file), chunk files are copied through the buffer as before.
 
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::sendfile::sendfile;
 use sparsebak_proto::frame::chunk_answer_head;
 use std::fs::File;
@@ -52,7 +53,16 @@ impl<W: Write + AsFd> AnswerStream<W> {
             match sendfile(self.out.get_ref().as_fd(), file.as_fd(), Some(&mut offset), want) {
                 Ok(0) => return Err(short_file(offset as u64, len)),
                 Ok(_) => {}
-                Err(Errno::EINTR | Errno::EAGAIN) => {}
+                Err(Errno::EINTR) => {}
+                // A non-blocking output that is full: wait as a blocking
+                // write would (dom0 bounds its own waits).
+                Err(Errno::EAGAIN) => {
+                    let mut fds = [PollFd::new(self.out.get_ref().as_fd(), PollFlags::POLLOUT)];
+                    match poll(&mut fds, PollTimeout::NONE) {
+                        Ok(_) | Err(Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 Err(Errno::EINVAL | Errno::ENOSYS) if offset == 0 => {
                     self.zero_copy = false;
                     return Ok(0);
@@ -99,11 +109,29 @@ mod tests {
     /// What a stream wrote: into a pipe (sendfile's case) read on another
     /// thread, or into a file.
     fn through_pipe(write: impl FnOnce(&mut AnswerStream<File>)) -> Vec<u8> {
+        through_pipe_with(false, write)
+    }
+
+    /// The same through a non-blocking pipe read slowly, which fills up.
+    fn through_pipe_with(nonblocking: bool, write: impl FnOnce(&mut AnswerStream<File>)) -> Vec<u8> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
         let (rx, tx) = nix::unistd::pipe().expect("pipe");
+        if nonblocking {
+            fcntl(std::os::fd::AsRawFd::as_raw_fd(&tx), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).expect("O_NONBLOCK");
+        }
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
-            File::from(rx).read_to_end(&mut got).expect("read pipe");
-            got
+            let mut rx = File::from(rx);
+            let mut piece = [0u8; 4096];
+            loop {
+                match rx.read(&mut piece).expect("read pipe") {
+                    0 => return got,
+                    n => got.extend_from_slice(&piece[..n]),
+                }
+                if nonblocking {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
         });
         let mut stream = AnswerStream::new(File::from(tx));
         write(&mut stream);
@@ -135,6 +163,14 @@ mod tests {
             assert!(matches!(read_msg::<_, Response>(&mut r), Ok(Some(Response::Done))));
             assert!(matches!(read_msg::<_, Response>(&mut r), Ok(Some(Response::Chunk(d))) if d == a));
         }
+    }
+
+    /// A full non-blocking output is waited for, not an error or a spin.
+    #[test]
+    fn a_full_nonblocking_output_is_waited_for() {
+        let a: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let got = through_pipe_with(true, |s| s.send_chunk_file(&chunk_file(&a), a.len() as u64).expect("sent"));
+        assert!(got == encode_frame(&Response::Chunk(a)).expect("frame"), "{} bytes", got.len());
     }
 
     /// A file shorter than announced is an error, not a quietly short frame.

@@ -165,6 +165,35 @@ fn recover_from_empty_metadata_restores_bit_identical() {
     env.ok(&["verify"]);
 }
 
+/// A new archive's key goes into the archive first, then into dom0. A
+/// first send killed between the two leaves an archive with a key and no
+/// session: the next send says to run `recover`, which brings back the key
+/// (there is nothing else), and sends go on with that key.
+#[test]
+fn a_first_send_stopped_between_storing_its_key_in_archive_and_dom0_recovers() {
+    let env = Env::new(64);
+    write_at(&env.image(), 0, &random_bytes(14, 3 * MIB as usize));
+    let pass = format!("--passphrase-file={}", env.passphrase_file().display());
+    let out = env.run_env(&[&pass, "send"], &[("SPARSEBAK_TEST_STOP_AFTER", "1")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(86), "stopped by the hook: {err}");
+    assert!(err.contains("new key in the archive"), "{err}");
+    assert!(env.sessions().is_empty());
+    assert!(env.mnt().join("backups/local%images/.sparsebak-key").exists(), "the archive has the key");
+    assert!(!env.path("meta/local%images/.sparsebak-key").exists(), "dom0 has not");
+    let err = env.fails(&["send"]);
+    assert!(err.contains("sparsebak recover"), "{err}");
+    let out = env.ok(&["recover"]);
+    assert!(out.contains("recovered the archive's key"), "{out}");
+    assert!(env.path("meta/local%images/.sparsebak-key").exists(), "dom0 has the key now");
+    env.ok(&["send"]);
+    assert_same_file(&env.receive(None, "after-recover.img"), &env.image());
+    // The archive's key is the one the session was sealed with.
+    env.lose_dom0_metadata();
+    env.ok(&["recover"]);
+    assert_same_file(&env.receive(None, "recovered.img"), &env.image());
+}
+
 #[test]
 fn wrong_passphrase_is_refused_without_a_crash() {
     let env = Env::new(64);

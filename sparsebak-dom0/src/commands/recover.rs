@@ -32,7 +32,7 @@ const MAX_LINE: u64 = 64 + 1 + 64 + 1 + 17 + 1 + 17 + 1;
 
 pub fn run(ctx: &Ctx) -> Result<()> {
     let names = ctx.config.select_volumes(&ctx.cli.volumes, false)?;
-    let recovered = {
+    let (recovered, key_recovered) = {
         let meta = MetaDir::lock(&ctx.config.meta_dir)?;
         let marker = recover_marker_path(&ctx.config.meta_dir, &ctx.pool_dir);
         let key_path = keyfile::dom0_key_path(&ctx.config.meta_dir, &ctx.pool_dir);
@@ -70,9 +70,15 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             keyfile::save_dom0_key(&key_path, key)?;
         }
         remove_file_durably(&marker)?;
-        recovered
+        (recovered, data_key.is_some())
     };
     if recovered.is_empty() {
+        // What a first send stopped between storing its new key in the
+        // archive and in dom0 leaves: the key is all there is to recover.
+        if key_recovered {
+            log::info!("{}: recovered the archive's key; the archive holds no session yet", ctx.pool_dir);
+            return Ok(());
+        }
         bail!("the archive holds no session of the volumes named; nothing recovered");
     }
     restore::verify_volumes(ctx, &recovered)

@@ -11,6 +11,7 @@ use crate::crypto::passphrase::{self, Passphrase};
 use crate::crypto::Keys;
 use crate::meta::MetaDir;
 use anyhow::{bail, Result};
+use sparsebak_proto::testhook::dom0_step as step;
 use std::path::{Path, PathBuf};
 
 /// The pool whose key a command works with, and what the config says.
@@ -99,6 +100,7 @@ impl SendKeys {
         let key = crate::crypto::ArchiveKey::generate()?;
         let wrapped = WrappedKey::wrap(&key, &pass, scope.pool_dir)?;
         rx.put_key(scope.pool_dir, wrapped.to_text().into_bytes())?;
+        step("new key in the archive");
         keyfile::save_dom0_key(&scope.key_path(), &key)?;
         log::info!("{}: new encrypted archive; keep the passphrase: it is needed to recover", scope.pool_dir);
         Ok(Some(Keys::new(&key)))

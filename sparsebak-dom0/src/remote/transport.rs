@@ -28,10 +28,12 @@ const RECEIVER_BIN: &str = "sparsebak-vm";
 /// The size asked for the pipes to and from the receiver (Linux's default
 /// is 64 KiB; 1 MiB is the default limit for unprivileged processes).
 const PIPE_SIZE: i32 = 1 << 20;
-/// The buffer on answers. Small next to a chunk on purpose: a read of
-/// more than the buffer holds, into an empty buffer, goes straight from
-/// the pipe into the chunk's own buffer instead of through this one.
-const RESPONSE_BUFFER: usize = 64 << 10;
+/// The buffers on both pipes. Small next to a chunk on purpose: a chunk's
+/// bytes then go straight between the pipe and the chunk's own buffer
+/// (a `BufWriter` passes a write larger than itself through; a
+/// `BufReader` does so for a read into it while empty) instead of being
+/// copied through these; small messages are still gathered.
+const PIPE_BUFFER: usize = 64 << 10;
 
 /// The argument vector that starts the receiver for `dest`.
 pub fn receiver_argv(dest: &DestVm) -> Result<Vec<String>> {
@@ -249,9 +251,9 @@ impl Receiver {
             dest: config.dest_vm.clone(),
             stderr_done: relay_stderr(stderr)?,
             limit: config.idle_timeout,
-            requests: RequestSink { out: BufWriter::with_capacity(1 << 20, Idle::new(stdin, config.idle_timeout)?) },
+            requests: RequestSink { out: BufWriter::with_capacity(PIPE_BUFFER, Idle::new(stdin, config.idle_timeout)?) },
             responses: ResponseSource {
-                input: BufReader::with_capacity(RESPONSE_BUFFER, Idle::new(stdout, config.idle_timeout)?),
+                input: BufReader::with_capacity(PIPE_BUFFER, Idle::new(stdout, config.idle_timeout)?),
                 chunk_buffers: BufferPool::new(),
             },
         };

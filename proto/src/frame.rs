@@ -6,6 +6,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 use std::io::{self, BufRead, Read, Write};
+use std::sync::OnceLock;
 
 /// Largest payload accepted in one frame. Chunks are at most
 /// [`crate::msg::MAX_CHUNK_SIZE`] before compression; zstd's worst-case
@@ -206,19 +207,65 @@ pub fn read_chunk_answer<R: BufRead>(
     buf: &mut Vec<u8>,
     max: usize,
 ) -> Result<Option<ChunkRead>, FrameError> {
-    let Some(len) = read_frame_len(r)? else { return Ok(None) };
     let kind = chunk_kind()?;
-    let is_chunk = len >= kind.len() && r.fill_buf().map_err(FrameError::Io)?.starts_with(kind);
-    if !is_chunk {
+    Ok(read_bytes_message::<_, (), crate::Response>(r, kind, buf, max)?.map(|read| match read {
+        BytesRead::Bytes(()) => ChunkRead::Chunk,
+        BytesRead::TooLong((), n) => ChunkRead::TooLong(n),
+        BytesRead::Other(other) => ChunkRead::Other(other),
+    }))
+}
+
+/// Reads one request; a `PutChunk`'s bytes go straight from the stream
+/// into `spare`, which becomes the request's `data` (the caller's buffer,
+/// kept from an earlier chunk: see [`read_chunk_answer`] for why). `spare`
+/// is left alone for any other request.
+pub fn read_request_into<R: BufRead>(r: &mut R, spare: &mut Vec<u8>) -> Result<Option<crate::Request>, FrameError> {
+    static KIND: OnceLock<Vec<u8>> = OnceLock::new();
+    let kind = kind_of(&KIND, &crate::Request::PutChunk { addr: 0, data: Vec::new() })?;
+    Ok(read_bytes_message::<_, u64, crate::Request>(r, kind, spare, MAX_FRAME)?.map(|read| match read {
+        BytesRead::Bytes(addr) => crate::Request::PutChunk { addr, data: std::mem::take(spare) },
+        // Past MAX_FRAME: the frame's own cap refused it already.
+        BytesRead::TooLong(addr, _) => crate::Request::PutChunk { addr, data: Vec::new() },
+        BytesRead::Other(req) => req,
+    }))
+}
+
+/// A message read by [`read_bytes_message`].
+enum BytesRead<H, M> {
+    /// Of the kind asked for: its fields before the bytes (the bytes are in
+    /// the caller's buffer).
+    Bytes(H),
+    /// Of the kind asked for, with more bytes than the limit (read past):
+    /// its fields and the byte count.
+    TooLong(H, usize),
+    /// Of another kind, decoded.
+    Other(M),
+}
+
+/// Reads one frame holding an `M`. If it is of the kind whose encoding
+/// starts with `kind` (a variant whose last field is a byte string, with
+/// the fields `H` before it), the bytes are read into `buf` (its content
+/// replaced; none kept past `max`). Same results as [`read_msg`], for
+/// which the message would be decoded whole.
+fn read_bytes_message<R: BufRead, H: DeserializeOwned, M: DeserializeOwned>(
+    r: &mut R,
+    kind: &[u8],
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<Option<BytesRead<H, M>>, FrameError> {
+    let Some(len) = read_frame_len(r)? else { return Ok(None) };
+    let ours = len >= kind.len() && r.fill_buf().map_err(FrameError::Io)?.starts_with(kind);
+    if !ours {
         let mut body = r.take(len as u64);
         let msg = decode_from(&mut body)?;
         return match body.limit() {
-            0 => Ok(Some(ChunkRead::Other(msg))),
+            0 => Ok(Some(BytesRead::Other(msg))),
             left => Err(FrameError::Malformed(format!("{left} trailing bytes after message"))),
         };
     }
     r.consume(kind.len());
     let mut body = r.take((len - kind.len()) as u64);
+    let head: H = decode_from(&mut body)?;
     let count: u64 = decode_from(&mut body)?;
     let left = body.limit();
     if count > left {
@@ -237,22 +284,28 @@ pub fn read_chunk_answer<R: BufRead>(
     };
     match got {
         _ if got < count => Err(FrameError::Truncated),
-        _ if count > max => Ok(Some(ChunkRead::TooLong(count))),
-        _ => Ok(Some(ChunkRead::Chunk)),
+        _ if count > max => Ok(Some(BytesRead::TooLong(head, count))),
+        _ => Ok(Some(BytesRead::Bytes(head))),
     }
 }
 
-/// The encoding of a chunk answer's kind: that of an empty chunk answer
-/// without its byte count 0 (one byte).
-fn chunk_kind() -> Result<&'static [u8], FrameError> {
-    static KIND: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    if KIND.get().is_none() {
-        let mut empty = bincode::serde::encode_to_vec(crate::Response::Chunk(Vec::new()), config())
-            .map_err(|e| FrameError::Malformed(e.to_string()))?;
-        empty.pop();
-        let _ = KIND.set(empty);
+/// How messages of `sample`'s kind begin: its variant's index as encoded
+/// (bincode writes it first), worked out once into `cell`.
+fn kind_of<'a, T: Serialize>(cell: &'a OnceLock<Vec<u8>>, sample: &T) -> Result<&'a [u8], FrameError> {
+    if cell.get().is_none() {
+        let bytes =
+            bincode::serde::encode_to_vec(sample, config()).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        let (_index, used): (u32, usize) =
+            bincode::serde::decode_from_slice(&bytes, config()).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        let _ = cell.set(bytes[..used].to_vec());
     }
-    KIND.get().map(Vec::as_slice).ok_or_else(|| FrameError::Malformed("chunk answer kind".into()))
+    cell.get().map(Vec::as_slice).ok_or_else(|| FrameError::Malformed("message kind".into()))
+}
+
+/// The encoding of a chunk answer's kind.
+fn chunk_kind() -> Result<&'static [u8], FrameError> {
+    static KIND: OnceLock<Vec<u8>> = OnceLock::new();
+    kind_of(&KIND, &crate::Response::Chunk(Vec::new()))
 }
 
 /// Whether `buf` begins with a whole frame (so reading it cannot block):
@@ -431,6 +484,25 @@ mod tests {
         Ok(())
     }
 
+    /// The same for requests: `read_request_into` against `read_msg`.
+    fn agree_on_requests(stream: &[u8]) -> Result<(), TestCaseError> {
+        let mut general = stream;
+        let mut special = io::BufReader::with_capacity(7, stream);
+        let mut spare = vec![0xee; 3];
+        for _ in 0..16 {
+            match (read_msg::<_, Request>(&mut general), read_request_into(&mut special, &mut spare)) {
+                (Ok(None), Ok(None)) => return Ok(()),
+                (Ok(Some(w)), Ok(Some(g))) => prop_assert_eq!(w, g),
+                (Err(_), Err(_)) => return Ok(()),
+                (w, g) => prop_assert!(false, "read_msg: {:?}, read_request_into: {:?}", w.map(|_| ()), g.map(|_| ())),
+            }
+            if spare.capacity() == 0 {
+                spare = vec![0xdd; 5]; // taken by a PutChunk: a fresh dirty one
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn oversize_chunks_are_read_past() {
         let mut stream = encode_frame(&Response::Chunk(vec![1; 1000])).expect("encodes");
@@ -482,6 +554,34 @@ mod tests {
             }
             stream.truncate(cut.index(stream.len() + 1));
             agree(&stream, max)?;
+        }
+
+        #[test]
+        fn request_reader_agrees_with_read_msg(
+            reqs in proptest::collection::vec((any::<u64>(), 0usize..600, 0u8..3), 1..5),
+            cut in any::<prop::sample::Index>(),
+            flip in proptest::option::of((any::<prop::sample::Index>(), 1u8..=255)),
+        ) {
+            let mut stream = Vec::new();
+            for (addr, len, kind) in reqs {
+                let req = match kind {
+                    0 => Request::PutChunk { addr, data: (0..len).map(|b| (b * 3) as u8).collect() },
+                    1 => Request::Commit,
+                    _ => Request::PruneLink { addrs: vec![addr; len % 7] },
+                };
+                stream.extend(encode_frame(&req).expect("encodes"));
+            }
+            if let Some((at, bits)) = flip {
+                let at = at.index(stream.len());
+                stream[at] ^= bits;
+            }
+            stream.truncate(cut.index(stream.len() + 1));
+            agree_on_requests(&stream)?;
+        }
+
+        #[test]
+        fn request_reader_agrees_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            agree_on_requests(&bytes)?;
         }
 
         #[test]

@@ -4,6 +4,7 @@
 
 mod answers;
 mod archive;
+mod chunk_buffers;
 mod chunk_source;
 mod cli;
 mod local_store;

@@ -8,10 +8,11 @@
 
 use crate::answers::AnswerStream;
 use crate::archive::Archive;
+use crate::chunk_buffers;
 use crate::local_store::LocalStore;
 use crate::store::{ChunkRef, Store, StoredChunk};
 use anyhow::{anyhow, bail, Context, Result};
-use sparsebak_proto::frame::holds_whole_frame;
+use sparsebak_proto::frame::{holds_whole_frame, read_request_into};
 use sparsebak_proto::msg::{MAX_CHUNK_SIZE, MAX_KEY_FILE, META_PIECE};
 use sparsebak_proto::{read_msg, write_msg, Destination, FrameError, Request, Response, PROTOCOL_VERSION};
 use std::io::{BufReader, ErrorKind, Read, Write};
@@ -54,7 +55,11 @@ pub fn serve<R: Read, W: Write + AsFd>(mut input: BufReader<R>, mut output: Answ
     let mut server = Server { store: None };
     let mut largest_chunk = None;
     loop {
-        let req: Request = match read_msg(&mut input) {
+        // A chunk dom0 sends is read into a buffer of an earlier one.
+        let mut spare = chunk_buffers::take();
+        let read = read_request_into(&mut input, &mut spare);
+        chunk_buffers::give_back(spare);
+        let req = match read {
             Ok(Some(req)) => req,
             Ok(None) => return Ok(()), // dom0 closed the conversation
             Err(e) => return fail(&mut output, anyhow!("reading request: {e}")),

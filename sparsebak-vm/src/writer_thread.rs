@@ -5,6 +5,7 @@
 //! memory in bytes. Commit stays on the conversation thread, after every
 //! queued write is done: durable, then visible, as before.
 
+use crate::chunk_buffers;
 use crate::session_writer::SessionWriter;
 use anyhow::{anyhow, Result};
 use sparsebak_proto::MetaFile;
@@ -35,7 +36,10 @@ impl QueuedSession {
             .spawn(move || {
                 for w in writes {
                     match w {
-                        Write::Chunk(addr, data) => writer.put_chunk(addr, &data)?,
+                        Write::Chunk(addr, data) => {
+                            writer.put_chunk(addr, &data)?;
+                            chunk_buffers::give_back(data);
+                        }
                         Write::Meta(file, data) => writer.put_meta(file, &data)?,
                     }
                 }

@@ -251,7 +251,9 @@ impl Receiver {
             dest: config.dest_vm.clone(),
             stderr_done: relay_stderr(stderr)?,
             limit: config.idle_timeout,
-            requests: RequestSink { out: BufWriter::with_capacity(PIPE_BUFFER, Idle::new(stdin, config.idle_timeout)?) },
+            requests: RequestSink {
+                out: BufWriter::with_capacity(PIPE_BUFFER, Idle::new(stdin, config.idle_timeout)?),
+            },
             responses: ResponseSource {
                 input: BufReader::with_capacity(PIPE_BUFFER, Idle::new(stdout, config.idle_timeout)?),
                 chunk_buffers: BufferPool::new(),

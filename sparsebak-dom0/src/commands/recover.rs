@@ -73,8 +73,9 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         (recovered, data_key.is_some())
     };
     if recovered.is_empty() {
-        // What a first send stopped between storing its new key in the
-        // archive and in dom0 leaves: the key is all there is to recover.
+        // An encrypted archive without sessions (every volume deleted, or a
+        // first send stopped between storing its new key in the archive
+        // and in dom0): the key is all there is to recover.
         if key_recovered {
             log::info!("{}: recovered the archive's key; the archive holds no session yet", ctx.pool_dir);
             return Ok(());

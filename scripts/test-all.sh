@@ -49,6 +49,13 @@ df -h "$root" /tmp | sed 's/^/   /'
 free -m | sed 's/^/   /'
 scratch=$(mktemp -d /tmp/sparsebak-tests.XXXXXX)
 cleanup() {
+  # The S3 tests' Ceph cluster is stopped by a watchdog once their test
+  # binary exits; a run that ends right after a failed test would unmount
+  # the cluster's folder before the watchdog gets to it, and leave its
+  # daemons running. Stop it here first (stopping twice is harmless).
+  for d in "$scratch"/sparsebak-ceph.* /var/tmp/sparsebak-ceph.*; do
+    if [ -d "$d/pids" ]; then bash "$root/tests/s3/ceph-cluster.sh" stop "$d" >/dev/null 2>&1 || true; fi
+  done
   # Tests unmount what they mount and stop what they start; a lazy
   # recursive unmount also takes whatever a failed test left behind (its
   # memory is freed once nothing holds files there any more).

@@ -11,8 +11,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::sendfile::sendfile;
 use sparsebak_proto::frame::chunk_answer_head;
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 
 /// Answers on their way to dom0.
 pub struct AnswerStream<W: Write + AsFd> {
@@ -27,31 +28,30 @@ impl<W: Write + AsFd> AnswerStream<W> {
     }
 
     /// Sends a chunk answer holding the first `len` bytes of `file` (its
-    /// length when opened). A file that turns out shorter is an error after
-    /// the answer's head went out: the conversation cannot go on.
-    pub fn send_chunk_file(&mut self, file: &File, len: u64) -> io::Result<()> {
+    /// length when opened). Once the answer's head is out, the answer must
+    /// be whole: bytes the file cannot give (a read error, a file that
+    /// shrank) are sent as zeros, which fail dom0's checks of that chunk
+    /// alone, and the read error is returned for the receiver's stderr. An
+    /// error writing to dom0 is the `Err`.
+    pub fn send_chunk_file(&mut self, file: &File, len: u64) -> io::Result<Option<io::Error>> {
         let len_usize = usize::try_from(len).map_err(|_| io::Error::other("chunk file too large"))?;
         let head = chunk_answer_head(len_usize).map_err(|e| io::Error::other(e.to_string()))?;
         self.out.write_all(&head)?;
         let sent = if self.zero_copy { self.send_in_kernel(file, len)? } else { 0 };
-        if sent == 0 && len > 0 {
-            let copied = io::copy(&mut file.take(len), &mut self.out)?;
-            if copied != len {
-                return Err(short_file(copied, len));
-            }
-        }
-        Ok(())
+        self.copy_rest(file, sent, len)
     }
 
-    /// `sendfile` of the whole file; 0 (nothing sent) when the output
-    /// refuses it, which turns it off for the rest of the conversation.
+    /// `sendfile` of the file as far as it goes: the bytes sent. It stops
+    /// early at an error that may be the file's (the copy after it tells
+    /// which side failed), and sends nothing where the output refuses it,
+    /// which turns it off for the rest of the conversation.
     fn send_in_kernel(&mut self, file: &File, len: u64) -> io::Result<u64> {
         self.out.flush()?;
         let mut offset: i64 = 0;
         while (offset as u64) < len {
             let want = usize::try_from(len - offset as u64).unwrap_or(usize::MAX);
             match sendfile(self.out.get_ref().as_fd(), file.as_fd(), Some(&mut offset), want) {
-                Ok(0) => return Err(short_file(offset as u64, len)),
+                Ok(0) => break, // the file ended early: the copy pads
                 Ok(_) => {}
                 Err(Errno::EINTR) => {}
                 // A non-blocking output that is full: wait as a blocking
@@ -65,12 +65,43 @@ impl<W: Write + AsFd> AnswerStream<W> {
                 }
                 Err(Errno::EINVAL | Errno::ENOSYS) if offset == 0 => {
                     self.zero_copy = false;
-                    return Ok(0);
+                    break;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e @ (Errno::EPIPE | Errno::ECONNRESET)) => return Err(e.into()),
+                Err(_) => break,
             }
         }
-        Ok(len)
+        Ok(offset as u64)
+    }
+
+    /// Copies `file` from `at` to `len` through the buffer, zeros for what
+    /// cannot be read; the read error, if any.
+    fn copy_rest(&mut self, file: &File, mut at: u64, len: u64) -> io::Result<Option<io::Error>> {
+        let mut piece = [0u8; 64 << 10];
+        while at < len {
+            let want = piece.len().min(usize::try_from(len - at).unwrap_or(usize::MAX));
+            match file.read_at(&mut piece[..want], at) {
+                Ok(0) => return self.pad(at, len, short_file(at, len)),
+                Ok(n) => {
+                    self.out.write_all(&piece[..n])?;
+                    at += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.pad(at, len, e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Zeros from `at` to `len` in place of what could not be read.
+    fn pad(&mut self, mut at: u64, len: u64, why: io::Error) -> io::Result<Option<io::Error>> {
+        let zeros = [0u8; 64 << 10];
+        while at < len {
+            let n = zeros.len().min(usize::try_from(len - at).unwrap_or(usize::MAX));
+            self.out.write_all(&zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(Some(why))
     }
 }
 
@@ -97,7 +128,7 @@ mod tests {
     use super::*;
     use sparsebak_proto::frame::encode_frame;
     use sparsebak_proto::{read_msg, write_msg, Response};
-    use std::io::Seek;
+    use std::io::{Read, Seek};
 
     fn chunk_file(data: &[u8]) -> File {
         let mut f = tempfile::tempfile().expect("tempfile");
@@ -154,9 +185,10 @@ mod tests {
             let got = through_pipe(|s| {
                 s.zero_copy = zero_copy;
                 write_msg(s, &Response::Done).expect("done");
-                s.send_chunk_file(&chunk_file(&a), a.len() as u64).expect("a");
-                s.send_chunk_file(&chunk_file(&[]), 0).expect("empty");
-                s.send_chunk_file(&chunk_file(&b), b.len() as u64).expect("b");
+                assert!(s.send_chunk_file(&chunk_file(&a), a.len() as u64).expect("a").is_none());
+                assert!(s.send_chunk_file(&chunk_file(&[]), 0).expect("empty").is_none());
+                assert!(s.send_chunk_file(&chunk_file(&b), b.len() as u64).expect("b").is_none());
+                assert_eq!(s.zero_copy, zero_copy, "a pipe takes sendfile");
             });
             assert!(got == want, "zero_copy {zero_copy}: {} bytes, want {}", got.len(), want.len());
             let mut r = got.as_slice();
@@ -169,19 +201,28 @@ mod tests {
     #[test]
     fn a_full_nonblocking_output_is_waited_for() {
         let a: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let got = through_pipe_with(true, |s| s.send_chunk_file(&chunk_file(&a), a.len() as u64).expect("sent"));
+        let got = through_pipe_with(true, |s| {
+            assert!(s.send_chunk_file(&chunk_file(&a), a.len() as u64).expect("sent").is_none());
+        });
         assert!(got == encode_frame(&Response::Chunk(a)).expect("frame"), "{} bytes", got.len());
     }
 
-    /// A file shorter than announced is an error, not a quietly short frame.
+    /// A file shorter than announced still makes a whole answer (zeros in
+    /// place of the missing bytes: that chunk fails dom0's checks, the
+    /// conversation goes on), and the shortfall is reported.
     #[test]
-    fn a_chunk_file_shorter_than_announced_is_an_error() {
+    fn a_chunk_file_shorter_than_announced_is_padded_and_reported() {
         for zero_copy in [true, false] {
-            through_pipe(|s| {
+            let got = through_pipe(|s| {
                 s.zero_copy = zero_copy;
-                let err = s.send_chunk_file(&chunk_file(b"abc"), 10).expect_err("short");
-                assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "zero_copy {zero_copy}: {err}");
+                let why = s.send_chunk_file(&chunk_file(b"abc"), 10).expect("sent").expect("reported");
+                assert_eq!(why.kind(), io::ErrorKind::UnexpectedEof, "zero_copy {zero_copy}: {why}");
+                write_msg(s, &Response::Done).expect("done");
             });
+            let mut r = got.as_slice();
+            let padded = b"abc\0\0\0\0\0\0\0".to_vec();
+            assert!(matches!(read_msg::<_, Response>(&mut r), Ok(Some(Response::Chunk(d))) if d == padded));
+            assert!(matches!(read_msg::<_, Response>(&mut r), Ok(Some(Response::Done))), "in step after it");
         }
     }
 }

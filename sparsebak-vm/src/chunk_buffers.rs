@@ -3,35 +3,61 @@
 //! faults and zero-filling (glibc gives memory of this size back to the
 //! kernel when it is freed, and the next chunk faults it in again).
 //!
-//! One pool for the process: the conversation thread takes, the writer
-//! thread gives back. It keeps at most [`KEEP_BYTES`].
+//! One pool for the process ([`take`], [`give_back`]): the conversation
+//! thread takes, the writer thread gives back. It keeps at most
+//! [`KEEP_BYTES`].
 
 use std::sync::Mutex;
 
-/// Bytes of free buffers kept at most (8 of the largest chunks, or many of
-/// the usual 128 KiB).
+/// Bytes of free buffers kept at most (about 8 of the largest chunks, or
+/// many of the usual 128 KiB).
 const KEEP_BYTES: usize = 32 << 20;
 /// Free buffers kept at most.
 const KEEP: usize = 16;
 
-static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// Free buffers, within [`KEEP`] and [`KEEP_BYTES`].
+struct Pool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+static POOL: Pool = Pool::new();
 
 /// An empty buffer, with the room of an earlier chunk if one is free.
 pub fn take() -> Vec<u8> {
-    FREE.lock().ok().and_then(|mut free| free.pop()).unwrap_or_default()
+    POOL.take()
 }
 
 /// Keeps a buffer for a later chunk, within the pool's bounds.
-pub fn give_back(mut buf: Vec<u8>) {
-    if buf.capacity() == 0 {
-        return;
+pub fn give_back(buf: Vec<u8>) {
+    POOL.give_back(buf)
+}
+
+impl Pool {
+    const fn new() -> Pool {
+        Pool { free: Mutex::new(Vec::new()) }
     }
-    buf.clear();
-    if let Ok(mut free) = FREE.lock() {
-        let kept: usize = free.iter().map(Vec::capacity).sum();
-        if free.len() < KEEP && kept + buf.capacity() <= KEEP_BYTES {
-            free.push(buf);
+
+    fn take(&self) -> Vec<u8> {
+        self.free.lock().ok().and_then(|mut free| free.pop()).unwrap_or_default()
+    }
+
+    fn give_back(&self, mut buf: Vec<u8>) {
+        if buf.capacity() == 0 {
+            return;
         }
+        buf.clear();
+        if let Ok(mut free) = self.free.lock() {
+            let kept: usize = free.iter().map(Vec::capacity).sum();
+            if free.len() < KEEP && kept + buf.capacity() <= KEEP_BYTES {
+                free.push(buf);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn kept(&self) -> (usize, usize) {
+        let free = self.free.lock().expect("lock");
+        (free.len(), free.iter().map(Vec::capacity).sum())
     }
 }
 
@@ -39,26 +65,26 @@ pub fn give_back(mut buf: Vec<u8>) {
 mod tests {
     use super::*;
 
-    /// Buffers come back empty with their room, and the pool stays within
-    /// its bounds in count and bytes.
+    /// Buffers come back empty with their room, and a pool stays within
+    /// its bounds in count and bytes. (A pool of its own: the process's
+    /// is used by other tests running beside this one.)
     #[test]
     fn buffers_are_reused_within_bounds() {
-        give_back(vec![7; 1000]);
-        let b = take();
+        let pool = Pool::new();
+        pool.give_back(vec![7; 1000]);
+        let b = pool.take();
         assert!(b.is_empty() && b.capacity() >= 1000, "an emptied buffer with its room");
         for _ in 0..(KEEP + 5) {
-            give_back(Vec::with_capacity(1024));
+            pool.give_back(Vec::with_capacity(1024));
         }
-        let count = FREE.lock().expect("lock").len();
-        assert_eq!(count, KEEP, "at most KEEP buffers");
-        FREE.lock().expect("lock").clear();
+        assert_eq!(pool.kept().0, KEEP, "at most KEEP buffers");
+
+        let pool = Pool::new();
         for _ in 0..KEEP {
-            give_back(Vec::with_capacity(8 << 20));
+            pool.give_back(Vec::with_capacity(8 << 20));
         }
-        let kept: usize = FREE.lock().expect("lock").iter().map(Vec::capacity).sum();
-        assert!(kept <= KEEP_BYTES, "{kept} bytes kept");
-        assert_eq!(kept, KEEP_BYTES, "as many 8 MiB buffers as fit");
-        give_back(Vec::new()); // no room: not kept
-        FREE.lock().expect("lock").clear();
+        assert_eq!(pool.kept().1, KEEP_BYTES, "as many 8 MiB buffers as fit in KEEP_BYTES");
+        pool.give_back(Vec::new());
+        assert_eq!(pool.kept().0, KEEP_BYTES / (8 << 20), "a buffer without room is not kept");
     }
 }

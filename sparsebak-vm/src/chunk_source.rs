@@ -71,7 +71,7 @@ pub fn open_chunk_file(path: &Path) -> Result<StoredChunk> {
     if meta.len() > MAX_CHUNK_FILE {
         bail!("{} is {} bytes, larger than any chunk", path.display(), meta.len());
     }
-    Ok(StoredChunk::File { file, len: meta.len() })
+    Ok(StoredChunk::File { file, len: meta.len(), path: path.to_path_buf() })
 }
 
 #[cfg(test)]

@@ -48,6 +48,8 @@ pub struct ServeError {
 pub fn serve_stdio() -> Result<(), ServeError> {
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
+    make_blocking(stdin.as_fd());
+    make_blocking(stdout.as_fd());
     serve(BufReader::with_capacity(1 << 20, stdin), AnswerStream::new(stdout))
 }
 
@@ -89,7 +91,13 @@ pub fn serve<R: Read, W: Write + AsFd>(mut input: BufReader<R>, mut output: Answ
             for answer in answers {
                 let sent = match answer {
                     Ok(StoredChunk::Bytes(data)) => write_msg(&mut output, &Response::Chunk(data)).map_err(io_error),
-                    Ok(StoredChunk::File { file, len }) => output.send_chunk_file(&file, len),
+                    Ok(StoredChunk::File { file, len, path }) => output.send_chunk_file(&file, len).map(|unread| {
+                        // The answer went out with zeros for what could
+                        // not be read: dom0 finds that chunk bad; say why.
+                        if let Some(why) = unread {
+                            let _ = writeln!(std::io::stderr(), "reading {}: {why}", path.display());
+                        }
+                    }),
                     // A store error is the chunk's, not fatal.
                     Err(e) => write_msg(&mut output, &Response::ChunkError(format!("{e:#}"))).map_err(io_error),
                 };
@@ -112,6 +120,22 @@ pub fn serve<R: Read, W: Write + AsFd>(mut input: BufReader<R>, mut output: Answ
         }
         if let Err(e) = server.answer(req, &mut output) {
             return e;
+        }
+    }
+}
+
+/// Every read and write of the conversation expects to wait (a full pipe
+/// means dom0 is busy), but whoever started us (qrexec, sshd) may have
+/// handed us non-blocking pipes or sockets: a `WouldBlock` would then end
+/// the conversation.
+fn make_blocking(fd: std::os::fd::BorrowedFd) {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    let fd = fd.as_raw_fd();
+    if let Ok(bits) = fcntl(fd, FcntlArg::F_GETFL) {
+        let flags = OFlag::from_bits_truncate(bits);
+        if flags.contains(OFlag::O_NONBLOCK) {
+            let _ = fcntl(fd, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK));
         }
     }
 }
@@ -264,6 +288,23 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_blocking_pipes_are_made_blocking() {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        use std::os::fd::AsRawFd;
+        let (rx, _tx) = nix::unistd::pipe().expect("pipe");
+        let nonblocking = |fd: &std::os::fd::OwnedFd| {
+            let bits = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).expect("F_GETFL");
+            OFlag::from_bits_truncate(bits).contains(OFlag::O_NONBLOCK)
+        };
+        fcntl(rx.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).expect("F_SETFL");
+        assert!(nonblocking(&rx));
+        make_blocking(rx.as_fd());
+        assert!(!nonblocking(&rx), "O_NONBLOCK cleared");
+        make_blocking(rx.as_fd());
+        assert!(!nonblocking(&rx), "and left so");
+    }
 
     #[test]
     fn read_batches_are_bounded_in_bytes() {

@@ -9,6 +9,7 @@
 use anyhow::Result;
 use sparsebak_proto::{MetaFile, StoreFormat, VolumeRef};
 use std::fs::File;
+use std::path::PathBuf;
 
 /// One chunk that dom0 asks for.
 pub struct ChunkRef {
@@ -23,7 +24,8 @@ pub enum StoredChunk {
     Bytes(Vec<u8>),
     /// An open chunk file of `len` bytes: the conversation has the kernel
     /// copy it to dom0 (`sendfile`), so it is never read into memory.
-    File { file: File, len: u64 },
+    /// `path` names it in messages.
+    File { file: File, len: u64, path: PathBuf },
 }
 
 impl StoredChunk {

@@ -106,7 +106,7 @@ pub fn chunk_answer_head(len: usize) -> Result<Vec<u8>, FrameError> {
     let kind = chunk_kind()?;
     let count =
         bincode::serde::encode_to_vec(len as u64, config()).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let payload = kind.len() + count.len() + len;
+    let payload = (kind.len() + count.len()).saturating_add(len);
     if payload > MAX_FRAME {
         return Err(FrameError::Oversize(payload));
     }
@@ -211,6 +211,13 @@ pub fn read_chunk_answer<R: BufRead>(
     Ok(read_bytes_message::<_, (), crate::Response>(r, kind, buf, max)?.map(|read| match read {
         BytesRead::Bytes(()) => ChunkRead::Chunk,
         BytesRead::TooLong((), n) => ChunkRead::TooLong(n),
+        // A chunk whose kind was written the long way (bincode accepts
+        // that): decoded whole, held to the same limit.
+        BytesRead::Other(crate::Response::Chunk(data)) if data.len() > max => ChunkRead::TooLong(data.len()),
+        BytesRead::Other(crate::Response::Chunk(data)) => {
+            *buf = data;
+            ChunkRead::Chunk
+        }
         BytesRead::Other(other) => ChunkRead::Other(other),
     }))
 }
@@ -222,12 +229,13 @@ pub fn read_chunk_answer<R: BufRead>(
 pub fn read_request_into<R: BufRead>(r: &mut R, spare: &mut Vec<u8>) -> Result<Option<crate::Request>, FrameError> {
     static KIND: OnceLock<Vec<u8>> = OnceLock::new();
     let kind = kind_of(&KIND, &crate::Request::PutChunk { addr: 0, data: Vec::new() })?;
-    Ok(read_bytes_message::<_, u64, crate::Request>(r, kind, spare, MAX_FRAME)?.map(|read| match read {
-        BytesRead::Bytes(addr) => crate::Request::PutChunk { addr, data: std::mem::take(spare) },
-        // Past MAX_FRAME: the frame's own cap refused it already.
-        BytesRead::TooLong(addr, _) => crate::Request::PutChunk { addr, data: Vec::new() },
-        BytesRead::Other(req) => req,
-    }))
+    match read_bytes_message::<_, u64, crate::Request>(r, kind, spare, MAX_FRAME)? {
+        None => Ok(None),
+        Some(BytesRead::Bytes(addr)) => Ok(Some(crate::Request::PutChunk { addr, data: std::mem::take(spare) })),
+        // Not reached: no frame holds more than MAX_FRAME.
+        Some(BytesRead::TooLong(_, n)) => Err(FrameError::Oversize(n)),
+        Some(BytesRead::Other(req)) => Ok(Some(req)),
+    }
 }
 
 /// A message read by [`read_bytes_message`].
@@ -474,6 +482,7 @@ mod tests {
                     prop_assert!(n > max);
                     prop_assert_eq!(d.len(), n);
                 }
+                (_, Ok(Some(ChunkRead::Other(Response::Chunk(_))))) => prop_assert!(false, "a chunk not read as one"),
                 (Ok(Some(w)), Ok(Some(ChunkRead::Other(g)))) => prop_assert_eq!(w, g),
                 // Where a frame claims more than the stream holds, one may
                 // call it cut short and the other too long for its message.
@@ -501,6 +510,22 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// A chunk answer whose kind is written the long way (a varint of three
+    /// bytes, which bincode also accepts) is still read as a chunk, held to
+    /// the same limit.
+    #[test]
+    fn a_chunk_kind_written_the_long_way_is_a_chunk() {
+        let short = chunk_kind().expect("kind").to_vec();
+        assert_eq!(short.len(), 1);
+        let payload = [vec![251, short[0], 0], vec![2, b'x', b'y']].concat();
+        let frame = [(payload.len() as u32).to_be_bytes().to_vec(), payload].concat();
+        assert!(matches!(read_msg::<_, Response>(&mut &frame[..]), Ok(Some(Response::Chunk(d))) if d == b"xy"));
+        let mut buf = Vec::new();
+        assert!(matches!(read_chunk_answer(&mut &frame[..], &mut buf, 2), Ok(Some(ChunkRead::Chunk))));
+        assert_eq!(buf, b"xy");
+        assert!(matches!(read_chunk_answer(&mut &frame[..], &mut buf, 1), Ok(Some(ChunkRead::TooLong(2)))));
     }
 
     #[test]

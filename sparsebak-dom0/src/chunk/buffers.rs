@@ -5,7 +5,9 @@
 //! the kernel when they are freed), about a twentieth of a full send's CPU.
 //!
 //! The pool holds only buffers that were in flight before, so the
-//! pipeline's bound on jobs in flight bounds it too.
+//! pipeline's bound on jobs in flight bounds it too; and never more than
+//! [`KEEP_BYTES`]. The chunk answers of a connection are read into buffers
+//! of its own pool the same way.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
@@ -13,6 +15,10 @@ use std::sync::{Arc, Mutex};
 /// Buffers kept for reuse at most (insurance: the pipeline's bound on jobs
 /// in flight keeps the count below this).
 const KEEP: usize = 64;
+/// Bytes of free buffers kept at most: an NBD export reads up to a whole
+/// request's chunks at once, which with 4 MiB chunks would otherwise stay
+/// pooled for the export's life.
+const KEEP_BYTES: usize = 32 << 20;
 
 /// Free buffers, shared by the scan and the buffers it hands out.
 #[derive(Default)]
@@ -41,7 +47,8 @@ impl BufferPool {
 
     fn give_back(&self, buf: Vec<u8>) {
         if let Ok(mut free) = self.free.lock() {
-            if free.len() < KEEP {
+            let kept: usize = free.iter().map(Vec::capacity).sum();
+            if free.len() < KEEP && kept + buf.capacity() <= KEEP_BYTES {
                 free.push(buf);
             }
         }
@@ -63,8 +70,8 @@ impl From<Vec<u8>> for ChunkBuf {
 }
 
 impl ChunkBuf {
-    /// The buffer itself, for readers that append (`read_to_end` fills
-    /// spare capacity without zeroing it first).
+    /// The buffer itself, for readers that append (`read_to_end` into a
+    /// reused buffer needs no new memory).
     pub fn vec_mut(&mut self) -> &mut Vec<u8> {
         &mut self.buf
     }
@@ -118,6 +125,10 @@ mod tests {
         assert_eq!(free(&pool), KEEP, "the pool keeps at most KEEP buffers");
         drop(ChunkBuf::from(vec![1, 2, 3])); // no pool: simply freed
         assert_eq!(free(&pool), KEEP);
+        let big: Vec<ChunkBuf> = (0..8).map(|_| pool.take(8 << 20)).collect();
+        drop(big);
+        let kept: usize = pool.free.lock().expect("lock").iter().map(Vec::capacity).sum();
+        assert!(kept <= KEEP_BYTES, "{kept} bytes kept");
         let mut e = pool.take_empty();
         assert!(e.is_empty() && e.vec_mut().capacity() >= 1, "an empty buffer with its old room");
         e.vec_mut().extend_from_slice(b"read");

@@ -73,12 +73,15 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         (recovered, data_key.is_some())
     };
     if recovered.is_empty() {
-        // An encrypted archive without sessions (every volume deleted, or a
-        // first send stopped between storing its new key in the archive
-        // and in dom0): the key is all there is to recover.
-        if key_recovered {
-            log::info!("{}: recovered the archive's key; the archive holds no session yet", ctx.pool_dir);
+        // An encrypted archive without a session of any configured volume
+        // (every volume deleted, or a first send stopped between storing its
+        // new key in the archive and in dom0): the key is all there is.
+        if key_recovered && ctx.cli.volumes.is_empty() {
+            log::info!("{}: recovered the archive's key; it holds no session of any configured volume", ctx.pool_dir);
             return Ok(());
+        }
+        if key_recovered {
+            bail!("the archive holds no session of the volumes named; only its key was recovered");
         }
         bail!("the archive holds no session of the volumes named; nothing recovered");
     }

@@ -417,7 +417,8 @@ fn send_requests(
             Err(e) => {
                 // The reader stops at the error, after the entries before it.
                 batch.push(Err(anyhow!("{e:#}")));
-                let _ = hand_over(&mut requests, &order, batch);
+                let _ = requests.flush();
+                let _ = order.send(batch);
                 return Err(e);
             }
         };
@@ -444,9 +445,10 @@ fn hand_over(
     order: &std::sync::mpsc::SyncSender<Vec<Result<MergedEntry>>>,
     batch: Vec<Result<MergedEntry>>,
 ) -> Result<bool> {
-    let flushed = requests.flush();
-    let taken = order.send(batch).is_ok();
-    flushed.map(|_| taken)
+    // Unsent requests would leave the reader waiting for their answers: a
+    // failed flush ends the sender, and the reader finds the channel closed.
+    requests.flush()?;
+    Ok(order.send(batch).is_ok())
 }
 
 /// Reads the answer for one entry (stored chunks only).

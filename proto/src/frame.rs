@@ -140,13 +140,20 @@ impl<W: Write> Write for CountingWriter<'_, W> {
 /// boundary, which is how a peer says it is done.
 pub fn read_msg<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, FrameError> {
     let Some(len) = read_frame_len(r)? else { return Ok(None) };
-    // Decoded straight from the stream: a chunk's bytes land once, in the
-    // message's own buffer, without a frame-sized buffer and a copy in
-    // between. The frame's length bounds what the decoder may read.
+    decode_frame_body(r, len).map(Some)
+}
+
+/// Decodes the message of a frame whose `len`-byte payload comes next;
+/// bytes left over are an error.
+///
+/// Decoded straight from the stream: a chunk's bytes land once, in the
+/// message's own buffer, without a frame-sized buffer and a copy in
+/// between. The frame's length bounds what the decoder may read.
+fn decode_frame_body<R: Read, T: DeserializeOwned>(r: &mut R, len: usize) -> Result<T, FrameError> {
     let mut body = r.take(len as u64);
     let msg = decode_from(&mut body)?;
     match body.limit() {
-        0 => Ok(Some(msg)),
+        0 => Ok(msg),
         left => Err(FrameError::Malformed(format!("{left} trailing bytes after message"))),
     }
 }
@@ -264,12 +271,7 @@ fn read_bytes_message<R: BufRead, H: DeserializeOwned, M: DeserializeOwned>(
     let Some(len) = read_frame_len(r)? else { return Ok(None) };
     let ours = len >= kind.len() && r.fill_buf().map_err(FrameError::Io)?.starts_with(kind);
     if !ours {
-        let mut body = r.take(len as u64);
-        let msg = decode_from(&mut body)?;
-        return match body.limit() {
-            0 => Ok(Some(BytesRead::Other(msg))),
-            left => Err(FrameError::Malformed(format!("{left} trailing bytes after message"))),
-        };
+        return decode_frame_body(r, len).map(|msg| Some(BytesRead::Other(msg)));
     }
     r.consume(kind.len());
     let mut body = r.take((len - kind.len()) as u64);

@@ -70,6 +70,15 @@ impl From<Vec<u8>> for ChunkBuf {
 }
 
 impl ChunkBuf {
+    /// An empty buffer from the same pool (none if this one has none): a
+    /// worker packs a chunk into one, and it comes back once sent.
+    pub fn sibling(&self) -> ChunkBuf {
+        match &self.pool {
+            Some(pool) => pool.take_empty(),
+            None => ChunkBuf::default(),
+        }
+    }
+
     /// The buffer itself, for readers that append (`read_to_end` into a
     /// reused buffer needs no new memory).
     pub fn vec_mut(&mut self) -> &mut Vec<u8> {

@@ -57,21 +57,25 @@ impl ChunkCodec<'_> {
     }
 
     /// Compresses `data` and, in an encrypted archive, seals it: the bytes
-    /// to store. Both happen in one buffer, with no copy between them.
-    fn compress_and_seal(&self, origin: &str, addr: u64, data: &[u8]) -> Result<Vec<u8>> {
+    /// to store, in a buffer from `data`'s pool. Both happen in that one
+    /// buffer, with no copy between them.
+    fn compress_and_seal(&self, origin: &str, addr: u64, data: &ChunkBuf) -> Result<ChunkBuf> {
         let bound = zstd::zstd_safe::compress_bound(data.len());
-        match self.keys {
+        let mut out = data.sibling();
+        let vec = std::mem::take(out.vec_mut());
+        *out.vec_mut() = match self.keys {
             Some(k) => {
-                let mut buf = SealBuf::with_capacity(bound);
+                let mut buf = SealBuf::reusing(vec, bound);
                 compress_into(data, buf.plain_mut(), SealBuf::PLAIN_AT)?;
-                k.seal_buf(&Aad::Chunk { volume: self.volume, origin, addr }, buf)
+                k.seal_buf(&Aad::Chunk { volume: self.volume, origin, addr }, buf)?
             }
             None => {
-                let mut out = Vec::with_capacity(bound);
-                compress_into(data, &mut out, 0)?;
-                Ok(out)
+                let mut vec = vec;
+                compress_into(data, &mut vec, 0)?;
+                vec
             }
-        }
+        };
+        Ok(out)
     }
 
     /// Authenticates and opens stored bytes where they are: the compressed
@@ -105,7 +109,12 @@ pub struct ChunkJob {
 pub enum Packed {
     Unchanged,
     Zero,
-    Stored { plain: Hash, stored: Hash, data: Vec<u8> },
+    /// `data` goes back to the scan's buffer pool once sent.
+    Stored {
+        plain: Hash,
+        stored: Hash,
+        data: ChunkBuf,
+    },
 }
 
 // One zstd context of each kind per worker thread, made on first use:
@@ -300,7 +309,7 @@ mod tests {
 
     fn stored_state(p: Packed) -> (ChunkState, Vec<u8>) {
         let Packed::Stored { plain, stored, data } = p else { panic!("must store") };
-        (ChunkState::Stored { plain, stored, origin: None }, data)
+        (ChunkState::Stored { plain, stored, origin: None }, data.to_vec())
     }
 
     #[test]
@@ -341,6 +350,39 @@ mod tests {
         decides_by_previous_state(&ChunkCodec { keys: None, volume: &v });
         let keys = Keys::new(&crate::crypto::ArchiveKey::generate().expect("key"));
         decides_by_previous_state(&ChunkCodec { keys: Some(&keys), volume: &v });
+    }
+
+    #[test]
+    fn packs_into_a_used_buffer_of_the_chunks_pool() {
+        let v = volume();
+        let keys = Keys::new(&crate::crypto::ArchiveKey::generate().expect("key"));
+        let data = b"pooled chunk ".repeat(8000);
+        for codec in [ChunkCodec { keys: None, volume: &v }, ChunkCodec { keys: Some(&keys), volume: &v }] {
+            let pool = crate::chunk::BufferPool::new();
+            // Two used buffers full of old bytes wait in the pool: one for
+            // the chunk read, one for what it is packed into.
+            let old = [pool.take(300_000), pool.take(300_000)];
+            drop(old.map(|mut b| {
+                b.fill(0xAB);
+                b
+            }));
+            let mut input = pool.take(data.len());
+            input.copy_from_slice(&data);
+            let job = ChunkJob { addr: 0x40000, data: Some(input), previous: None, force_store: false };
+            let Packed::Stored { plain, stored, data: mut packed } = pack(job, &codec, S1).expect("packs").1 else {
+                panic!("must store")
+            };
+            assert!(packed.vec_mut().capacity() >= 300_000, "packed into the pool's used buffer");
+            let fresh = pack(self::job(Some(data.clone()), None), &codec, S1).expect("packs").1;
+            let (fresh_state, fresh_bytes) = stored_state(fresh);
+            if codec.keys.is_none() {
+                // Same bytes as packed into a new buffer: nothing old left.
+                assert_eq!(&packed[..], &fresh_bytes[..]);
+                assert_eq!(ChunkState::Stored { plain, stored, origin: None }, fresh_state);
+            }
+            let state = ChunkState::Stored { plain, stored, origin: None };
+            assert_eq!(unpack_vec(&packed, &state, data.len(), &codec, S1, 0x40000).expect("unpacks"), data);
+        }
     }
 
     #[test]

@@ -211,9 +211,16 @@ impl SealBuf {
     /// Room for `plain_len` bytes of plaintext (more may be added; the
     /// buffer then grows as a `Vec` does).
     pub fn with_capacity(plain_len: usize) -> SealBuf {
-        let mut v = Vec::with_capacity(SEAL_OVERHEAD + plain_len);
-        v.resize(NONCE_LEN, 0);
-        SealBuf(v)
+        SealBuf::reusing(Vec::new(), plain_len)
+    }
+
+    /// The same in `buf`, whose content is dropped and whose memory is
+    /// kept (a pooled buffer: no fresh pages per chunk).
+    pub fn reusing(mut buf: Vec<u8>, plain_len: usize) -> SealBuf {
+        buf.clear();
+        buf.reserve(SEAL_OVERHEAD + plain_len);
+        buf.resize(NONCE_LEN, 0);
+        SealBuf(buf)
     }
 
     /// The buffer, whose bytes from [`SealBuf::PLAIN_AT`] on are the

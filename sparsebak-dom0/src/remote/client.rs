@@ -71,8 +71,14 @@ impl Receiver {
     }
 
     /// Streams one stored chunk into the open session (no answer).
-    pub fn put_chunk(&mut self, addr: u64, data: Vec<u8>) -> Result<()> {
-        self.send(&Request::PutChunk { addr, data })
+    pub fn put_chunk(&mut self, addr: u64, mut data: ChunkBuf) -> Result<()> {
+        let req = Request::PutChunk { addr, data: std::mem::take(data.vec_mut()) };
+        let sent = self.send(&req);
+        // The buffer goes back to its pool when `data` is dropped.
+        if let Request::PutChunk { data: buf, .. } = req {
+            *data.vec_mut() = buf;
+        }
+        sent
     }
 
     /// Streams a piece of a metadata file into the open session or prune

@@ -1,6 +1,7 @@
 //! Chunk buffers that go back to where they came from: the scan reads each
-//! chunk into one, a worker packs it, and when the worker drops it, it
-//! returns to the scan's pool for a later chunk. A fresh buffer per chunk
+//! chunk into one, a worker packs it into another of the same pool
+//! ([`ChunkBuf::sibling`]), and each returns to the pool for a later chunk
+//! when dropped (the first by the worker, the second once sent). A fresh buffer per chunk
 //! cost page faults and zero-filling (glibc hands buffers this large back to
 //! the kernel when they are freed), about a twentieth of a full send's CPU.
 //!

@@ -50,8 +50,16 @@ pub fn serve_stdio() -> Result<(), ServeError> {
     let stdout = std::io::stdout().lock();
     make_blocking(stdin.as_fd());
     make_blocking(stdout.as_fd());
-    serve(BufReader::with_capacity(1 << 20, stdin), AnswerStream::new(stdout))
+    serve(BufReader::with_capacity(REQUEST_BUFFER, stdin), AnswerStream::new(stdout))
 }
+
+/// The buffer on dom0's requests: small next to a chunk on purpose. A
+/// `BufReader` passes a read through only while it is empty and the read
+/// is at least its size, so with a bigger one every chunk dom0 sends was
+/// copied through it; now all but the first few KiB of a chunk go from the
+/// pipe straight into the chunk's buffer, and small requests (a restore's
+/// `GetChunks`) are still read many at a time.
+const REQUEST_BUFFER: usize = 8 << 10;
 
 pub fn serve<R: Read, W: Write + AsFd>(mut input: BufReader<R>, mut output: AnswerStream<W>) -> Result<(), ServeError> {
     let mut server = Server { store: None };

@@ -24,17 +24,28 @@ const FORMATS: [(&str, &[&str]); 2] = [("disk.img", &["folders", "tar", "folders
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
+    /// Encrypted, key file version 1 (HMAC-SHA256 and SHA-256 chunk hashes).
     Encrypted,
+    /// Encrypted, key file version 2 (keyed BLAKE3 and BLAKE3 of the stored
+    /// bytes).
+    EncryptedV2,
     Plain,
 }
 
 impl Kind {
+    const ALL: [Kind; 3] = [Kind::Encrypted, Kind::EncryptedV2, Kind::Plain];
+
     fn dir(self) -> PathBuf {
         let name = match self {
             Kind::Encrypted => "encrypted",
+            Kind::EncryptedV2 => "v2-encrypted",
             Kind::Plain => "plain",
         };
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/golden").join(name)
+    }
+
+    fn encrypted(self) -> bool {
+        self != Kind::Plain
     }
 }
 
@@ -98,7 +109,7 @@ fn golden_env(kind: Kind, meta: bool) -> Env {
     }
     let volumes: Vec<(&str, &str)> = VOLUMES.iter().map(|v| (*v, "enable")).collect();
     env.write_config_with(&env.mnt(), &volumes, &extra);
-    if kind == Kind::Encrypted {
+    if kind.encrypted() {
         std::fs::copy(kind.dir().join("passphrase"), env.passphrase_file()).expect("copy passphrase");
     }
     copy_tree(&kind.dir().join("archive"), &env.mnt());
@@ -174,9 +185,19 @@ fn recovers(kind: Kind) {
         let line = format!("{vol}: recovered {} session(s)", formats.len());
         assert!(out.contains(&line), "{line:?} in {out}");
     }
-    if kind == Kind::Encrypted {
-        let key = env.path("meta/local%images/.sparsebak-key");
-        assert!(key.is_file(), "recover rebuilt dom0's key");
+    if kind.encrypted() {
+        // dom0's key comes back as the archive made it: the same key, and
+        // the same version and chunk hashes (never today's newer ones).
+        let key = std::fs::read_to_string(env.path("meta/local%images/.sparsebak-key")).expect("dom0's key rebuilt");
+        let fixture = std::fs::read_to_string(kind.dir().join("meta/local%images/.sparsebak-key")).expect("key");
+        let hex = fixture.lines().find_map(|l| l.strip_prefix("key=")).unwrap_or(fixture.trim());
+        assert!(key.contains(&format!("key={hex}\n")), "{key}");
+        let header = |t: &str| t.lines().filter(|l| !l.starts_with("key=")).map(String::from).collect::<Vec<_>>();
+        if fixture.starts_with("version=") {
+            assert_eq!(header(&key), header(&fixture));
+        } else {
+            assert_eq!(header(&key), ["version=1"], "a version 1 key from before versions");
+        }
     }
     check_list(&env, &want);
     check_restores(&env, &want);
@@ -186,6 +207,11 @@ fn recovers(kind: Kind) {
 #[test]
 fn encrypted_golden_archive_restores_and_verifies() {
     restores_and_verifies(Kind::Encrypted);
+}
+
+#[test]
+fn v2_encrypted_golden_archive_restores_and_verifies() {
+    restores_and_verifies(Kind::EncryptedV2);
 }
 
 #[test]
@@ -199,6 +225,11 @@ fn encrypted_golden_archive_recovers_into_empty_metadata() {
 }
 
 #[test]
+fn v2_encrypted_golden_archive_recovers_into_empty_metadata() {
+    recovers(Kind::EncryptedV2);
+}
+
+#[test]
 fn plain_golden_archive_recovers_into_empty_metadata() {
     recovers(Kind::Plain);
 }
@@ -208,7 +239,7 @@ fn plain_golden_archive_recovers_into_empty_metadata() {
 /// makes both `verify` and `receive` of that session fail.
 #[test]
 fn altered_chunk_in_a_golden_copy_is_detected() {
-    for kind in [Kind::Encrypted, Kind::Plain] {
+    for kind in Kind::ALL {
         let want = expected(kind);
         let env = golden_env(kind, true);
         let first = &want[0];
@@ -320,6 +351,11 @@ fn takes_prune_and_new_sessions(kind: Kind) {
 #[test]
 fn encrypted_golden_archive_takes_prune_and_new_sessions() {
     takes_prune_and_new_sessions(Kind::Encrypted);
+}
+
+#[test]
+fn v2_encrypted_golden_archive_takes_prune_and_new_sessions() {
+    takes_prune_and_new_sessions(Kind::EncryptedV2);
 }
 
 #[test]

@@ -56,6 +56,13 @@ impl ChunkCodec<'_> {
         }
     }
 
+    /// Whether `unpack` checks the stored bytes against the manifest's
+    /// stored hash: where nothing else authenticates them (unencrypted),
+    /// and where the check costs nothing (seal ids, key file version 3).
+    fn checks_stored_hash(&self) -> bool {
+        self.keys.is_none_or(Keys::stored_hash_is_cheap)
+    }
+
     /// Compresses `data` and, in an encrypted archive, seals it: the bytes
     /// to store, in a buffer from `data`'s pool. Both happen in that one
     /// buffer, with no copy between them.
@@ -252,9 +259,10 @@ impl std::fmt::Display for ChunkFault {
 ///
 /// In an unencrypted archive the stored bytes are checked against the
 /// SHA-256 that dom0 recorded. In an encrypted one the AEAD tag does that
-/// job, under dom0's key and bound to volume, origin session and address,
-/// so the hash of the stored bytes (still recorded in the manifest) is not
-/// computed again: it would only cost a third of the hashing.
+/// job, under dom0's key and bound to volume, origin session and address;
+/// the manifest's seal id (key file version 3) is checked too, as it costs
+/// nothing, but a hash of all the stored bytes (version 1 and 2 manifests)
+/// is not computed again: it would cost a third of the hashing.
 #[allow(clippy::too_many_arguments)]
 pub fn unpack<R>(
     mut data: impl std::ops::DerefMut<Target = [u8]>,
@@ -268,7 +276,7 @@ pub fn unpack<R>(
     let ChunkState::Stored { plain, stored, .. } = state else {
         return Ok(use_plain(&vec![0; len]));
     };
-    if codec.keys.is_none() && sha256(&data) != *stored {
+    if codec.checks_stored_hash() && codec.stored_hash(&data) != *stored {
         return Err(ChunkFault::StoredHashMismatch);
     }
     let range = codec.open_in_place(origin, addr, &mut data).map_err(ChunkFault::Unsealable)?;
@@ -430,11 +438,62 @@ mod tests {
         let other = VolumeRef { pool: "vg%pool".into(), name: "other".into() };
         let codec_other = ChunkCodec { keys: Some(&keys), volume: &other };
         assert!(unpack_vec(&packed, &state, data.len(), &codec_other, S1, 0x40000).is_err());
-        // Altered or cut bytes fail authentication, before decompression.
+        // Altered ciphertext fails authentication, before decompression;
+        // a cut tag fails the seal id first (key file version 3).
         let mut bad = packed.clone();
         bad[30] ^= 1;
         assert!(matches!(unpack_vec(&bad, &state, data.len(), &codec, S1, 0x40000), Err(ChunkFault::Unsealable(_))));
         let cut = &packed[..packed.len() - 1];
-        assert!(matches!(unpack_vec(cut, &state, data.len(), &codec, S1, 0x40000), Err(ChunkFault::Unsealable(_))));
+        assert!(matches!(
+            unpack_vec(cut, &state, data.len(), &codec, S1, 0x40000),
+            Err(ChunkFault::StoredHashMismatch)
+        ));
+    }
+
+    /// Archives keep the chunk hashes their key was made with. In each, a
+    /// chunk packs and unpacks, and altered or cut stored bytes are refused
+    /// before decompression: by the stored hash where it is checked, else
+    /// by the tag.
+    #[test]
+    fn every_kind_of_chunk_hashes_packs_and_refuses_altered_bytes() {
+        use crate::crypto::{ArchiveKey, ChunkHash};
+        let v = volume();
+        let data = b"chunk hashes of every key version ".repeat(300);
+        for chunk_hash in ChunkHash::ALL {
+            let keys = Keys::new(&ArchiveKey { chunk_hash, ..ArchiveKey::generate().expect("key") });
+            let codec = ChunkCodec { keys: Some(&keys), volume: &v };
+            let (state, packed) = stored_state(pack(job(Some(data.clone()), None), &codec, S1).expect("packs").1);
+            let ChunkState::Stored { stored, .. } = state else { panic!("stored") };
+            assert_eq!(stored, chunk_hash.stored(&packed), "{chunk_hash:?}");
+            let unpack = |bytes: &[u8]| unpack_vec(bytes, &state, data.len(), &codec, S1, 0x40000);
+            assert_eq!(unpack(&packed).expect("unpacks"), data, "{chunk_hash:?}");
+            for at in [0, packed.len() / 2, packed.len() - 1] {
+                let mut bad = packed.clone();
+                bad[at] ^= 1;
+                let checked = chunk_hash.stored_is_cheap() && at != packed.len() / 2;
+                match unpack(&bad) {
+                    Err(ChunkFault::StoredHashMismatch) if checked => {}
+                    Err(ChunkFault::Unsealable(OpenError::Forged)) if !checked => {}
+                    other => panic!("{chunk_hash:?}, byte {at} altered: {:?}", other.map(|_| ())),
+                }
+            }
+        }
+    }
+
+    /// A seal id pins the one sealing of a chunk that dom0 recorded: the
+    /// same chunk sealed again (for the same volume, session and address,
+    /// so its tag is valid) is refused in its place.
+    #[test]
+    fn a_seal_id_refuses_another_valid_sealing_of_the_chunk() {
+        let v = volume();
+        let keys = Keys::new(&crate::crypto::ArchiveKey::generate().expect("key"));
+        let codec = ChunkCodec { keys: Some(&keys), volume: &v };
+        let data = b"sealed twice ".repeat(900);
+        let (state, first) = stored_state(pack(job(Some(data.clone()), None), &codec, S1).expect("packs").1);
+        let (_, second) = stored_state(pack(job(Some(data.clone()), None), &codec, S1).expect("packs").1);
+        assert_ne!(first, second, "a new nonce each time");
+        let unpack = |bytes: &[u8]| unpack_vec(bytes, &state, data.len(), &codec, S1, 0x40000);
+        assert_eq!(unpack(&first).expect("unpacks"), data);
+        assert!(matches!(unpack(&second), Err(ChunkFault::StoredHashMismatch)));
     }
 }

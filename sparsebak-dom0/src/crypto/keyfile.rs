@@ -13,9 +13,10 @@
 //! start with one.
 //!
 //! The version of a key file also says which chunk hashes its archive uses
-//! ([`ChunkHash`]): version 1 HMAC-SHA256, version 2 the one its
-//! `chunk_hash=` line names (keyed BLAKE3). An archive keeps the version its
-//! key was made with; new keys are version 2.
+//! ([`ChunkHash`]): version 1 HMAC-SHA256, versions 2 and 3 the ones their
+//! `chunk_hash=` line names (keyed BLAKE3; version 3 records seal ids for
+//! the stored bytes). An archive keeps the version its key was made with;
+//! new keys are version 3.
 
 use crate::crypto::xchacha::XChaCha20Poly1305;
 use crate::crypto::{open_with, seal_with, Aad, ArchiveKey, ChunkHash, DataKey};
@@ -31,13 +32,17 @@ use zeroize::Zeroizing;
 /// Newest version of both key files' format. Version 1 files written
 /// before versions existed have no `version=` line (dom0's was the bare hex
 /// key).
-pub const KEY_FILE_VERSION: u32 = 2;
+pub const KEY_FILE_VERSION: u32 = 3;
 
-/// The version a key file with these chunk hashes is written in.
+/// The version a key file with these chunk hashes is written in. A new
+/// kind of chunk hashes takes a new version, so that a sparsebak that does
+/// not know it refuses the archive's key (naming both versions) before it
+/// reads a manifest it would misread.
 fn version_for(chunk_hash: ChunkHash) -> u32 {
     match chunk_hash {
         ChunkHash::HmacSha256 => 1,
         ChunkHash::Blake3 => 2,
+        ChunkHash::Blake3SealId => 3,
     }
 }
 
@@ -221,7 +226,7 @@ mod tests {
 
     #[test]
     fn wrap_round_trip_and_wrong_passphrase() {
-        for chunk_hash in [ChunkHash::HmacSha256, ChunkHash::Blake3] {
+        for chunk_hash in [ChunkHash::HmacSha256, ChunkHash::Blake3, ChunkHash::Blake3SealId] {
             let key = new_key(chunk_hash);
             let w = WrappedKey::wrap(&key, b"correct horse", "vg%pool").expect("wraps");
             // New keys get RFC 9106's second recommended cost (keys made
@@ -251,6 +256,13 @@ mod tests {
         assert!(err.to_string().contains("arch/k") && err.to_string().contains("md5"), "{err}");
         assert!(WrappedKey::parse(&text.replace("blake3", "hmac-sha256"), Path::new("k")).is_err());
         assert!(WrappedKey::parse(&text.replace("chunk_hash=blake3\n", ""), Path::new("k")).is_err());
+        // A version 3 key (seal ids) claimed as version 2: the seal fails.
+        let v3 = WrappedKey::wrap(&new_key(ChunkHash::Blake3SealId), b"pw", "p%q").expect("wraps").to_text();
+        assert!(v3.starts_with("version=3\nchunk_hash=blake3-seal-id\n"), "{v3}");
+        let as_v2 = v3.replace("version=3\nchunk_hash=blake3-seal-id\n", "version=2\nchunk_hash=blake3\n");
+        let as_v2 = WrappedKey::parse(&as_v2, Path::new("k")).expect("parses");
+        assert!(as_v2.unwrap_key(b"pw", "p%q").is_err());
+        assert!(WrappedKey::parse(&v3.replace("version=3", "version=2"), Path::new("k")).is_err());
     }
 
     #[test]
@@ -292,12 +304,18 @@ mod tests {
         let text = std::fs::read_to_string(&v1).expect("read");
         assert_eq!(text, format!("version=1\nkey={}\n", hex::encode(key.data.as_slice())));
         assert_eq!(load_dom0_key(&v1).expect("reads").expect("present").chunk_hash, ChunkHash::HmacSha256);
-        let new = dir.path().join("new");
-        save_dom0_key(&new, &new_key(ChunkHash::Blake3)).expect("saves");
+        // Versions 2 and 3 name their chunk hashes; each reads back as it was.
+        for (chunk_hash, version) in [(ChunkHash::Blake3, 2), (ChunkHash::Blake3SealId, 3)] {
+            let path = dir.path().join(format!("v{version}"));
+            save_dom0_key(&path, &new_key(chunk_hash)).expect("saves");
+            let text = std::fs::read_to_string(&path).expect("read");
+            assert!(text.starts_with(&format!("version={version}\nchunk_hash={}\n", chunk_hash.name())), "{text}");
+            assert_eq!(load_dom0_key(&path).expect("reads").expect("present").chunk_hash, chunk_hash);
+        }
+        assert_eq!(version_for(ChunkHash::NEW), KEY_FILE_VERSION, "new keys are of the newest version");
+        let new = dir.path().join("v3");
         let text = std::fs::read_to_string(&new).expect("read");
-        assert!(text.starts_with(&format!("version={KEY_FILE_VERSION}\nchunk_hash=blake3\n")), "{text}");
-        assert_eq!(load_dom0_key(&new).expect("reads").expect("present").chunk_hash, ChunkHash::Blake3);
-        std::fs::write(&new, text.replace("version=2", "version=9")).expect("write");
+        std::fs::write(&new, text.replace("version=3", "version=9")).expect("write");
         let err = format!("{:#}", load_dom0_key(&new).expect_err("newer refused"));
         assert!(err.contains(&new.display().to_string()) && err.contains("format version 9"), "{err}");
         assert!(err.contains(&format!("(version {KEY_FILE_VERSION})")), "{err}");
@@ -308,9 +326,9 @@ mod tests {
         let versionless = wrapped.replace("version=1\n", "");
         assert!(WrappedKey::parse(&versionless, Path::new("k")).is_ok());
         let err =
-            WrappedKey::parse(&wrapped.replace("version=1", "version=3"), Path::new("archive/p%q/.sparsebak-key"))
+            WrappedKey::parse(&wrapped.replace("version=1", "version=4"), Path::new("archive/p%q/.sparsebak-key"))
                 .expect_err("newer refused")
                 .to_string();
-        assert!(err.contains("archive/p%q/.sparsebak-key") && err.contains("format version 3"), "{err}");
+        assert!(err.contains("archive/p%q/.sparsebak-key") && err.contains("format version 4"), "{err}");
     }
 }

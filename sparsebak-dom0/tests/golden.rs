@@ -29,16 +29,19 @@ enum Kind {
     /// Encrypted, key file version 2 (keyed BLAKE3 and BLAKE3 of the stored
     /// bytes).
     EncryptedV2,
+    /// Encrypted, key file version 3 (keyed BLAKE3 and seal ids).
+    EncryptedV3,
     Plain,
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Encrypted, Kind::EncryptedV2, Kind::Plain];
+    const ALL: [Kind; 4] = [Kind::Encrypted, Kind::EncryptedV2, Kind::EncryptedV3, Kind::Plain];
 
     fn dir(self) -> PathBuf {
         let name = match self {
             Kind::Encrypted => "encrypted",
             Kind::EncryptedV2 => "v2-encrypted",
+            Kind::EncryptedV3 => "v3-encrypted",
             Kind::Plain => "plain",
         };
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/golden").join(name)
@@ -215,6 +218,11 @@ fn v2_encrypted_golden_archive_restores_and_verifies() {
 }
 
 #[test]
+fn v3_encrypted_golden_archive_restores_and_verifies() {
+    restores_and_verifies(Kind::EncryptedV3);
+}
+
+#[test]
 fn plain_golden_archive_restores_and_verifies() {
     restores_and_verifies(Kind::Plain);
 }
@@ -227,6 +235,11 @@ fn encrypted_golden_archive_recovers_into_empty_metadata() {
 #[test]
 fn v2_encrypted_golden_archive_recovers_into_empty_metadata() {
     recovers(Kind::EncryptedV2);
+}
+
+#[test]
+fn v3_encrypted_golden_archive_recovers_into_empty_metadata() {
+    recovers(Kind::EncryptedV3);
 }
 
 #[test]
@@ -307,7 +320,7 @@ fn newer_format_versions_are_refused_naming_file_and_versions() {
     std::fs::write(&key, format!("version=5\nkey={}", hex.trim())).expect("write key");
     let line = single_error_line(&env.fails(&["verify", "vol2.img"])).to_string();
     assert!(line.contains(&key.display().to_string()) && line.contains("format version 5"), "{line}");
-    assert!(line.contains("(version 2)"), "{line}");
+    assert!(line.contains("(version 3)"), "{line}");
     // The same key in today's form loads.
     std::fs::write(&key, format!("version=1\nkey={}", hex.trim())).expect("write key");
     env.ok(&["verify", "vol2.img"]);
@@ -338,6 +351,7 @@ fn takes_prune_and_new_sessions(kind: Kind) {
     env.ok(&["send", "disk.img"]);
     let newest = env.sessions().last().cloned().expect("a session");
     assert!(!disk.contains(&newest), "a new session: {newest}");
+    check_stored_hashes(&env, kind, &newest);
     want.push(Expected {
         volume: "disk.img".into(),
         session: newest,
@@ -348,6 +362,48 @@ fn takes_prune_and_new_sessions(kind: Kind) {
     check_verifies(&env, &want);
 }
 
+/// An archive keeps the chunk hashes it was made with: the manifest of a
+/// session sent into it today records, for each chunk it stored, the hash
+/// of the chunk file that the archive's key version calls for.
+fn check_stored_hashes(env: &Env, kind: Kind, session: &str) {
+    let dir = format!("S_{session}");
+    let manifest = std::fs::read_to_string(env.meta_volume_dir().join(&dir).join("manifest")).expect("manifest");
+    let mut checked = 0;
+    for line in manifest.lines() {
+        let w: Vec<&str> = line.split(' ').collect();
+        if w[0] == "0" || w.len() != 3 {
+            continue; // a zero chunk, or one stored in an older session
+        }
+        let chunk = find_file(&env.archive_volume_dir().join(&dir), w[2]).expect("the chunk's file");
+        let data = std::fs::read(&chunk).expect("read chunk");
+        let hex = |h: &[u8]| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let want = match kind {
+            Kind::Plain | Kind::Encrypted => hex(&Sha256::digest(&data)),
+            Kind::EncryptedV2 => hex(blake3::hash(&data).as_bytes()),
+            // The seal's id: its 24-byte nonce and 16-byte tag.
+            Kind::EncryptedV3 => hex(blake3::hash(&[&data[..24], &data[data.len() - 16..]].concat()).as_bytes()),
+        };
+        assert_eq!(w[1], want, "{kind:?}: stored hash of {}", chunk.display());
+        checked += 1;
+    }
+    assert!(checked > 0, "{kind:?}: the new session stored chunks: {manifest}");
+}
+
+/// The file called `name` somewhere under `dir`.
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()? {
+        let path = e.ok()?.path();
+        if path.is_dir() {
+            if let Some(found) = find_file(&path, name) {
+                return Some(found);
+            }
+        } else if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+    }
+    None
+}
+
 #[test]
 fn encrypted_golden_archive_takes_prune_and_new_sessions() {
     takes_prune_and_new_sessions(Kind::Encrypted);
@@ -356,6 +412,11 @@ fn encrypted_golden_archive_takes_prune_and_new_sessions() {
 #[test]
 fn v2_encrypted_golden_archive_takes_prune_and_new_sessions() {
     takes_prune_and_new_sessions(Kind::EncryptedV2);
+}
+
+#[test]
+fn v3_encrypted_golden_archive_takes_prune_and_new_sessions() {
+    takes_prune_and_new_sessions(Kind::EncryptedV3);
 }
 
 #[test]

@@ -8,7 +8,8 @@
 //!
 //! Unencrypted archives use SHA-256 for both. In an encrypted archive the
 //! plaintext hash is keyed (with a subkey of the data key), so manifests
-//! reveal nothing about content; which hashes it uses is fixed with its key
+//! reveal nothing about content, and the "stored" hash is the seal's id
+//! in archives made today; which hashes it uses is fixed with its key
 //! (`crate::crypto::ChunkHash`). The
 //! optional fourth field is the chunk's origin: the session it was first
 //! stored in, whose name is bound into the chunk's seal. It is written only
@@ -16,8 +17,8 @@
 //! moves chunk files into newer sessions without rewriting them).
 //!
 //! The plaintext hash detects changes (and checks decompression); the stored
-//! hash is what dom0 checks a chunk from the receiver against *before*
-//! decompressing it. Manifests are read and merged as sorted streams, never
+//! hash (with the AEAD tag, in an encrypted archive) is what dom0 checks a
+//! chunk from the receiver against *before* decompressing it. Manifests are read and merged as sorted streams, never
 //! as whole-volume tables.
 
 use anyhow::{anyhow, bail, Context, Result};

@@ -33,9 +33,10 @@ while True:
     n += 1
     if n <= 1 + keep:
         out.write(head + payload); out.flush(); continue
-    if mode == "flip":
+    if mode in ("flip", "flipmid"):
         if payload[0] == CHUNK:  # only chunk answers: the bytes of stored chunks
-            payload = payload[:-1] + bytes([payload[-1] ^ 1])
+            at = len(payload) - 1 if mode == "flip" else len(payload) // 2  # tag, or ciphertext
+            payload = payload[:at] + bytes([payload[at] ^ 1]) + payload[at + 1:]
         out.write(head + payload)
     elif mode == "oversize":
         out.write(struct.pack(">I", 0xFFFFFFF0)); out.flush(); break
@@ -157,8 +158,11 @@ fn assert_no_files(dir: &Path) {
 
 #[test]
 fn flipped_chunk_bytes_are_caught_before_decompression() {
-    // The harness archive is encrypted: the AEAD tag is what catches it.
-    Hostile::new("flip", 0).receive_fails("authentication failed");
+    // The harness archive is encrypted. A flipped byte of the tag: the
+    // manifest's seal id catches it before the seal is opened.
+    Hostile::new("flip", 0).receive_fails("hash mismatch");
+    // A flipped byte of the ciphertext: the AEAD tag catches it.
+    Hostile::new("flipmid", 0).receive_fails("authentication failed");
 }
 
 /// Chunk answers far longer than their chunk can be stored as are that

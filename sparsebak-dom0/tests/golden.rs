@@ -174,6 +174,14 @@ fn check_verifies(env: &Env, want: &[Expected]) {
 fn restores_and_verifies(kind: Kind) {
     let want = expected(kind);
     let env = golden_env(kind, true);
+    // The fixture is what it says: its sessions stored as folders record
+    // the stored hashes of its key's version.
+    let disk = want.iter().filter(|r| r.volume == "disk.img");
+    for (row, format) in disk.zip(FORMATS[0].1) {
+        if *format == "folders" {
+            check_stored_hashes(&env, kind, &row.session);
+        }
+    }
     check_list(&env, &want);
     check_restores(&env, &want);
     check_verifies(&env, &want);

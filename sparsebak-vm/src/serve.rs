@@ -55,10 +55,10 @@ pub fn serve_stdio() -> Result<(), ServeError> {
 
 /// The buffer on dom0's requests: small next to a chunk on purpose. A
 /// `BufReader` passes a read through only while it is empty and the read
-/// is at least its size, so with a bigger one every chunk dom0 sends was
-/// copied through it; now all but the first few KiB of a chunk go from the
-/// pipe straight into the chunk's buffer, and small requests (a restore's
-/// `GetChunks`) are still read many at a time.
+/// is at least its size, so with a bigger one (it was 1 MiB) every chunk
+/// dom0 sends was copied through it; now all but the first few KiB of a
+/// chunk go from the pipe straight into the chunk's buffer, and small
+/// requests (a restore's `ReadChunk`s) are still read many at a time.
 const REQUEST_BUFFER: usize = 8 << 10;
 
 pub fn serve<R: Read, W: Write + AsFd>(mut input: BufReader<R>, mut output: AnswerStream<W>) -> Result<(), ServeError> {

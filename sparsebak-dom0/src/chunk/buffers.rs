@@ -1,9 +1,10 @@
 //! Chunk buffers that go back to where they came from: the scan reads each
 //! chunk into one, a worker packs it into another of the same pool
 //! ([`ChunkBuf::sibling`]), and each returns to the pool for a later chunk
-//! when dropped (the first by the worker, the second once sent). A fresh buffer per chunk
-//! cost page faults and zero-filling (glibc hands buffers this large back to
-//! the kernel when they are freed), about a twentieth of a full send's CPU.
+//! when dropped (the first by the worker, the second once sent). A fresh
+//! buffer per chunk cost page faults and zero-filling (glibc hands buffers
+//! this large back to the kernel when they are freed): about a twentieth of
+//! a full send's CPU for the read buffers, as much again for packed ones.
 //!
 //! The pool holds only buffers that were in flight before, so the
 //! pipeline's bound on jobs in flight bounds it too; and never more than
@@ -35,18 +36,34 @@ impl BufferPool {
     /// A buffer of `len` bytes. Its content is unspecified (a reused
     /// buffer holds an older chunk): the caller overwrites all of it.
     pub fn take(self: &Arc<Self>, len: usize) -> ChunkBuf {
-        let mut buf = self.free.lock().ok().and_then(|mut free| free.pop()).unwrap_or_default();
+        // One that holds `len` bytes already, if there is one: a packed
+        // chunk's buffer comes back holding only the packed bytes, and
+        // lengthening it would zero-fill the rest.
+        let mut buf = self.pop(|free| free.iter().rposition(|b| b.len() >= len).or(free.len().checked_sub(1)));
         buf.resize(len, 0);
         ChunkBuf { buf, pool: Some(Arc::clone(self)) }
     }
 
-    /// An empty buffer for a reader to fill (a reused one keeps its
-    /// capacity: see [`ChunkBuf::vec_mut`]).
+    /// An empty buffer for a reader or a packer to fill (a reused one keeps
+    /// its capacity: see [`ChunkBuf::vec_mut`]).
     pub fn take_empty(self: &Arc<Self>) -> ChunkBuf {
-        self.take(0)
+        // The shortest: what it holds is dropped, and the longer ones suit
+        // `take`.
+        let mut buf = self.pop(|free| free.iter().enumerate().min_by_key(|(_, b)| b.len()).map(|(i, _)| i));
+        buf.clear();
+        ChunkBuf { buf, pool: Some(Arc::clone(self)) }
+    }
+
+    /// The free buffer that `choose` picks, or a new one.
+    fn pop(&self, choose: impl Fn(&[Vec<u8>]) -> Option<usize>) -> Vec<u8> {
+        let Ok(mut free) = self.free.lock() else { return Vec::new() };
+        choose(&free).map(|i| free.swap_remove(i)).unwrap_or_default()
     }
 
     fn give_back(&self, buf: Vec<u8>) {
+        if buf.capacity() == 0 {
+            return; // nothing to reuse (a buffer taken out and not put back)
+        }
         if let Ok(mut free) = self.free.lock() {
             let kept: usize = free.iter().map(Vec::capacity).sum();
             if free.len() < KEEP && kept + buf.capacity() <= KEEP_BYTES {
@@ -143,5 +160,30 @@ mod tests {
         assert!(e.is_empty() && e.vec_mut().capacity() >= 1, "an empty buffer with its old room");
         e.vec_mut().extend_from_slice(b"read");
         assert_eq!(&e[..], b"read");
+    }
+
+    /// A packed chunk's buffer comes back short: `take` prefers one that
+    /// already holds the length asked for (no zero-filling), `take_empty`
+    /// the shortest; an emptied buffer with no memory is not kept.
+    #[test]
+    fn full_buffers_go_to_take_and_short_ones_to_take_empty() {
+        let pool = BufferPool::new();
+        let free = |pool: &Arc<BufferPool>| pool.free.lock().expect("lock").len();
+        let mut full = pool.take(1000);
+        full.fill(0xAA);
+        let mut short = pool.take_empty();
+        short.vec_mut().extend_from_slice(&[0xBB; 10]);
+        short.vec_mut().reserve_exact(2000);
+        drop((full, short));
+        assert_eq!(free(&pool), 2);
+        let read = pool.take(1000);
+        assert!(read.iter().all(|&b| b == 0xAA), "the buffer that held 1000 bytes");
+        let packed = pool.take_empty();
+        assert!(packed.is_empty() && packed.buf.capacity() >= 2010, "the short one");
+        drop((read, packed));
+        let mut emptied = pool.take(500);
+        std::mem::take(emptied.vec_mut());
+        drop(emptied);
+        assert_eq!(free(&pool), 1, "an emptied buffer is not pooled");
     }
 }

@@ -164,7 +164,8 @@ fn decompress_with<R>(data: &[u8], len: usize, use_plain: impl FnOnce(&[u8]) -> 
 /// zero-filled to `at` first); `out` grows to zstd's worst case if needed.
 fn compress_into(data: &[u8], out: &mut Vec<u8>, at: usize) -> Result<()> {
     out.resize(at, 0);
-    out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+    // Exact: a pooled buffer made for a chunk's plaintext would double.
+    out.reserve_exact(zstd::zstd_safe::compress_bound(data.len()));
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -299,6 +300,12 @@ mod tests {
         VolumeRef { pool: "vg%pool".into(), name: "vol".into() }
     }
 
+    /// Keys of an archive with seal ids (key file version 3).
+    fn seal_id_keys() -> Keys {
+        use crate::crypto::{ArchiveKey, ChunkHash};
+        Keys::new(&ArchiveKey { chunk_hash: ChunkHash::Blake3SealId, ..ArchiveKey::generate().expect("key") })
+    }
+
     fn job(data: Option<Vec<u8>>, previous: Option<ChunkState>) -> ChunkJob {
         ChunkJob { addr: 0x40000, data: data.map(ChunkBuf::from), previous, force_store: false }
     }
@@ -423,7 +430,7 @@ mod tests {
     #[test]
     fn sealed_chunks_hide_content_and_bind_their_place() {
         let v = volume();
-        let keys = Keys::new(&crate::crypto::ArchiveKey::generate().expect("key"));
+        let keys = seal_id_keys();
         let codec = ChunkCodec { keys: Some(&keys), volume: &v };
         let data = b"MARKER-0123456789".repeat(500);
         let (state, packed) = stored_state(pack(job(Some(data.clone()), None), &codec, S1).expect("packs").1);
@@ -486,7 +493,7 @@ mod tests {
     #[test]
     fn a_seal_id_refuses_another_valid_sealing_of_the_chunk() {
         let v = volume();
-        let keys = Keys::new(&crate::crypto::ArchiveKey::generate().expect("key"));
+        let keys = seal_id_keys();
         let codec = ChunkCodec { keys: Some(&keys), volume: &v };
         let data = b"sealed twice ".repeat(900);
         let (state, first) = stored_state(pack(job(Some(data.clone()), None), &codec, S1).expect("packs").1);

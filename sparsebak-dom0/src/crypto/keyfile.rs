@@ -1,9 +1,9 @@
 //! Where the data key is kept, and its passphrase-wrapped copy.
 //!
 //! - dom0: `META/VG%POOL/.sparsebak-key`, `version=`, `key=` the raw key in
-//!   hex and (version 2) `chunk_hash=`; version 1 files from before versions
-//!   hold the bare hex key. Mode 0600, written durably. Routine commands
-//!   read it and never need a passphrase.
+//!   hex and (version 2 and later) `chunk_hash=`; version 1 files from
+//!   before versions hold the bare hex key. Mode 0600, written durably.
+//!   Routine commands read it and never need a passphrase.
 //! - archive: `DEST/VG%POOL/.sparsebak-key`, the key sealed under a key
 //!   derived from the passphrase with Argon2id, with the KDF parameters and
 //!   salt beside it (text `key=value` lines), so that a new dom0 can rebuild
@@ -46,7 +46,7 @@ fn version_for(chunk_hash: ChunkHash) -> u32 {
     }
 }
 
-/// The `version=` and (version 2) `chunk_hash=` lines of a key file.
+/// The `version=` and (version 2 and later) `chunk_hash=` lines of a key file.
 fn header_lines(chunk_hash: ChunkHash) -> String {
     match version_for(chunk_hash) {
         1 => "version=1\n".to_string(),
@@ -263,6 +263,10 @@ mod tests {
         let as_v2 = WrappedKey::parse(&as_v2, Path::new("k")).expect("parses");
         assert!(as_v2.unwrap_key(b"pw", "p%q").is_err());
         assert!(WrappedKey::parse(&v3.replace("version=3", "version=2"), Path::new("k")).is_err());
+        // And the other way: a version 2 key claimed as version 3 fails too.
+        let as_v3 = text.replace("version=2\nchunk_hash=blake3\n", "version=3\nchunk_hash=blake3-seal-id\n");
+        let as_v3 = WrappedKey::parse(&as_v3, Path::new("k")).expect("parses");
+        assert!(as_v3.unwrap_key(b"pw", "p%q").is_err());
     }
 
     #[test]

@@ -256,7 +256,8 @@ impl SealBuf {
     /// kept (a pooled buffer: no fresh pages per chunk).
     pub fn reusing(mut buf: Vec<u8>, plain_len: usize) -> SealBuf {
         buf.clear();
-        buf.reserve(SEAL_OVERHEAD + plain_len);
+        // Exact: a pooled buffer made for a chunk's plaintext would double.
+        buf.reserve_exact(SEAL_OVERHEAD + plain_len);
         buf.resize(NONCE_LEN, 0);
         SealBuf(buf)
     }

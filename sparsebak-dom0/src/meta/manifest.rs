@@ -16,10 +16,13 @@
 //! where the origin differs from the session holding the manifest (prune
 //! moves chunk files into newer sessions without rewriting them).
 //!
-//! The plaintext hash detects changes (and checks decompression); the stored
-//! hash (with the AEAD tag, in an encrypted archive) is what dom0 checks a
-//! chunk from the receiver against *before* decompressing it. Manifests are read and merged as sorted streams, never
-//! as whole-volume tables.
+//! The plaintext hash detects changes (and checks decompression). Before
+//! decompressing a chunk from the receiver, dom0 checks it against the
+//! stored hash in an unencrypted archive; in an encrypted one against the
+//! AEAD tag, and the seal id too where the manifest has one (a version 1
+//! or 2 manifest's hash of all the stored bytes is not computed again).
+//! Manifests are read and merged as sorted streams, never as whole-volume
+//! tables.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::cmp::Reverse;

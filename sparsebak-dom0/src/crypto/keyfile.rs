@@ -76,8 +76,9 @@ pub const MAX_WRAPPED_LEN: usize = 4096;
 /// "second recommended" setting); only `send` of a new archive and `recover`
 /// pay it. The lanes of each slice are computed on all cores (the argon2
 /// crate's `parallel` feature): the same work and memory as one lane, in
-/// half the time on two cores. Keys made with 1 lane (before) keep their
-/// parameters, which the wrapped key records.
+/// less time (a first send of a 1 MiB image: 0.16 -> 0.11 s on two cores).
+/// Keys made with 1 lane (before) keep their parameters, which the wrapped
+/// key records.
 const KDF_M_KIB: u32 = 64 * 1024;
 const KDF_T: u32 = 3;
 const KDF_P: u32 = 4;

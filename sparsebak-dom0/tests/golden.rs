@@ -130,7 +130,12 @@ fn golden_env(kind: Kind, meta: bool) -> Env {
 
 fn sha256_hex(path: &Path) -> String {
     let data = std::fs::read(path).expect("read restored");
-    Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(&data))
+}
+
+/// Lower-case hex, as `expected.txt` and manifests write hashes.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `list VOL` shows exactly the expected sessions, in order, with the
@@ -364,7 +369,7 @@ fn takes_prune_and_new_sessions(kind: Kind) {
         volume: "disk.img".into(),
         session: newest,
         size: data.len() as u64,
-        sha256: Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect(),
+        sha256: hex(&Sha256::digest(&data)),
     });
     check_restores(&env, &want);
     check_verifies(&env, &want);
@@ -384,7 +389,6 @@ fn check_stored_hashes(env: &Env, kind: Kind, session: &str) {
         }
         let chunk = find_file(&env.archive_volume_dir().join(&dir), w[2]).expect("the chunk's file");
         let data = std::fs::read(&chunk).expect("read chunk");
-        let hex = |h: &[u8]| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
         let want = match kind {
             Kind::Plain | Kind::Encrypted => hex(&Sha256::digest(&data)),
             Kind::EncryptedV2 => hex(blake3::hash(&data).as_bytes()),
